@@ -1,0 +1,73 @@
+"""Shared defaults for every experiment.
+
+On their own they train the embedded scikit-learn digits (1,797 real 8x8
+images, no download) with a small U-Net in a few minutes on a laptop CPU.
+Experiment files (e.g. `cifar10_ddpm.py`) start from `get_config()` here and
+state only what differs.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Input pipeline (diffusion_jax/input_pipeline.py).
+  config.data = data = ml_collections.ConfigDict()
+  data.source = 'digits'  # digits | tfds | idx | image_folder | npz
+  data.name = ''  # tfds data set name, e.g. 'cifar10' (source=tfds only).
+  data.data_dir = ''  # local directory or file holding the data.
+  data.download = False  # tfds only: allow downloading (never in tests).
+  data.train_split = 'train'
+  data.eval_split = 'test'
+  data.image_size = 8  # images are checked to be image_size x image_size.
+  data.channels = 1
+  data.random_flip = False  # horizontal flips; never for digits.
+  data.prefetch = 2  # batches prepared ahead on a background thread.
+
+  # Diffusion process (diffusion_jax/schedules.py, losses.py, samplers.py).
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.num_timesteps = 1000
+  diffusion.beta_schedule = 'linear'
+  diffusion.beta_start = 1e-4
+  diffusion.beta_end = 0.02
+  diffusion.loss = 'eps_mse'  # L_simple (Ho et al. 2020, eq. 14).
+  diffusion.sampler_variance = 'beta'  # sigma_t^2: 'beta' or 'beta_tilde'.
+
+  # Network (diffusion_jax/models/unet.py).
+  config.model = model = ml_collections.ConfigDict()
+  model.name = 'unet'
+  model.ch = 64
+  model.ch_mult = (1, 2, 2)
+  model.num_res_blocks = 2
+  model.attn_resolutions = (4,)
+  model.dropout = 0.1
+  model.num_groups = 32
+  model.temb_dim = 256  # 4 * ch in the paper.
+  model.dtype = 'float32'  # compute dtype; params stay float32.
+
+  # Optimisation (diffusion_jax/train_state.py).
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.learning_rate = 2e-4
+  optim.warmup_steps = 500
+  optim.grad_clip_norm = 1.0
+  optim.adam_b1 = 0.9
+  optim.adam_b2 = 0.999
+  optim.adam_eps = 1e-8
+  optim.ema_decay = 0.999
+
+  # Training loop (diffusion_jax/train.py).
+  config.batch_size = 128  # global, over all devices and hosts.
+  config.num_train_steps = 6000
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 2000
+  config.keep_checkpoints = 3
+  config.sample_every_steps = 3000  # EMA sample grid; 0 disables.
+  config.num_sample_images = 64
+
+  # Sample mode (--mode=sample).
+  config.sample = sample = ml_collections.ConfigDict()
+  sample.num_images = 64
+  sample.batch_size = 64  # global; split over all devices.
+  return config

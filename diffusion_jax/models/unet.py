@@ -1,0 +1,197 @@
+"""The DDPM U-Net (Ho et al. 2020, appendix B) in Flax Linen.
+
+A PixelCNN++-style backbone of wide ResNet blocks with GroupNorm, one
+single-head self-attention block at chosen resolutions, and a sinusoidal
+time embedding fed to every block through a 2-layer MLP.
+
+Module names follow diffusers' `UNet2DModel` (`conv_in`, `time_embedding`,
+`down_blocks_i/resnets_j`, `mid_block`, `up_blocks_i`, `conv_norm_out`,
+`conv_out`) so that the published DDPM checkpoints map onto our parameters
+one tensor at a time. As in diffusers, `up_blocks_0` is the lowest
+resolution.
+"""
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int) -> jax.Array:
+  """Sinusoidal embedding of (possibly fractional) timesteps, [sin, cos].
+
+  Frequencies exp(-log(10000) * i / (dim/2 - 1)), i = 0..dim/2-1, as in the
+  DDPM code (diffusers: flip_sin_to_cos=False, freq_shift=1).
+  """
+  if dim % 2:
+    raise ValueError(f'timestep embedding dim must be even, got {dim}')
+  half = dim // 2
+  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32)
+                  / (half - 1))
+  args = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+def _zero_init_last() -> nn.initializers.Initializer:
+  # The DDPM code initialises the last conv of each residual branch and the
+  # output conv with a tiny scale (1e-10); zeros make every block start as
+  # the identity, which is what that achieves.
+  return nn.initializers.zeros_init()
+
+
+_default_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform')
+
+
+class ResnetBlock(nn.Module):
+  """GroupNorm-swish-conv twice, time embedding added in between."""
+  out_ch: int
+  dropout: float
+  num_groups: int = 32
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb, *, train: bool):
+    conv = lambda ch, k, name, **kw: nn.Conv(
+        ch, (k, k), padding='SAME', dtype=self.dtype, name=name,
+        kernel_init=kw.pop('kernel_init', _default_init))
+    h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name='norm1')(x)
+    h = conv(self.out_ch, 3, 'conv1')(nn.swish(h))
+    h += nn.Dense(self.out_ch, dtype=self.dtype, kernel_init=_default_init,
+                  name='time_emb_proj')(nn.swish(temb))[:, None, None, :]
+    h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name='norm2')(h)
+    h = nn.Dropout(self.dropout, deterministic=not train)(nn.swish(h))
+    h = conv(self.out_ch, 3, 'conv2', kernel_init=_zero_init_last())(h)
+    if x.shape[-1] != self.out_ch:
+      x = conv(self.out_ch, 1, 'conv_shortcut')(x)
+    return x + h
+
+
+class AttentionBlock(nn.Module):
+  """Single-head self-attention over all spatial positions, residual."""
+  num_groups: int = 32
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, hgt, wid, c = x.shape
+    h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name='group_norm')(x)
+    h = h.reshape(b, hgt * wid, c)
+    dense = lambda name, **kw: nn.Dense(c, dtype=self.dtype, name=name,
+                                        kernel_init=kw.get('init', _default_init))
+    q, k, v = dense('to_q')(h), dense('to_k')(h), dense('to_v')(h)
+    weights = jnp.einsum('bqc,bkc->bqk', q, k) * (c ** -0.5)
+    weights = jax.nn.softmax(weights.astype(jnp.float32), axis=-1)
+    h = jnp.einsum('bqk,bkc->bqc', weights.astype(v.dtype), v)
+    h = dense('to_out', init=_zero_init_last())(h)
+    return x + h.reshape(b, hgt, wid, c)
+
+
+class Downsample(nn.Module):
+  """Stride-2 3x3 conv; 'SAME' pads (0, 1) like TensorFlow's DDPM code."""
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding='SAME',
+                   dtype=self.dtype, kernel_init=_default_init, name='conv')(x)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+    x = x.reshape(b, 2 * h, 2 * w, c)
+    return nn.Conv(c, (3, 3), padding='SAME', dtype=self.dtype,
+                   kernel_init=_default_init, name='conv')(x)
+
+
+class UNet(nn.Module):
+  """eps_theta(x_t, t): predicts the noise (or another target) from x_t.
+
+  Attributes:
+    out_channels: channels of the prediction (the image channels, doubled
+      when a variance is learned).
+    ch: base channel count.
+    ch_mult: channel multiplier per resolution; one downsampling between
+      consecutive resolutions.
+    num_res_blocks: ResNet blocks per resolution on the way down (one more
+      on the way up, fed by the skip connections).
+    attn_resolutions: spatial sizes (e.g. 16) at which attention follows
+      each ResNet block.
+    dropout: dropout rate inside ResNet blocks.
+    num_groups: GroupNorm groups.
+    temb_dim: width of the time-embedding MLP (4 * ch in the paper).
+    dtype: compute dtype (parameters stay float32).
+  """
+  out_channels: int
+  ch: int = 128
+  ch_mult: Sequence[int] = (1, 2, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = (16,)
+  dropout: float = 0.1
+  num_groups: int = 32
+  temb_dim: int = 512
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, t, *, train: bool):
+    """x: (B, H, W, C) images, t: (B,) timesteps; returns (B, H, W, out)."""
+    if x.shape[1] != x.shape[2]:
+      raise ValueError(f'UNet expects square images, got {x.shape[1:3]}')
+    if x.shape[1] % 2 ** (len(self.ch_mult) - 1):
+      raise ValueError(
+          f'image size {x.shape[1]} is not divisible by '
+          f'2**{len(self.ch_mult) - 1} (len(ch_mult)={len(self.ch_mult)}): '
+          'change config.model.ch_mult or config.data.image_size')
+    kw = dict(num_groups=self.num_groups, dtype=self.dtype)
+    res_block = lambda ch, name: ResnetBlock(ch, self.dropout, name=name, **kw)
+    attn_block = lambda name: AttentionBlock(name=name, **kw)
+
+    temb = timestep_embedding(t, self.ch)
+    temb = nn.Dense(self.temb_dim, dtype=self.dtype, kernel_init=_default_init,
+                    name='time_embedding_linear_1')(temb)
+    temb = nn.Dense(self.temb_dim, dtype=self.dtype, kernel_init=_default_init,
+                    name='time_embedding_linear_2')(nn.swish(temb))
+
+    h = nn.Conv(self.ch, (3, 3), padding='SAME', dtype=self.dtype,
+                kernel_init=_default_init, name='conv_in')(x.astype(self.dtype))
+    skips = [h]
+    for level, mult in enumerate(self.ch_mult):
+      prefix = f'down_blocks_{level}'
+      for j in range(self.num_res_blocks):
+        h = res_block(self.ch * mult, f'{prefix}_resnets_{j}')(
+            h, temb, train=train)
+        if h.shape[1] in self.attn_resolutions:
+          h = attn_block(f'{prefix}_attentions_{j}')(h)
+        skips.append(h)
+      if level != len(self.ch_mult) - 1:
+        h = Downsample(self.dtype, name=f'{prefix}_downsamplers_0')(h)
+        skips.append(h)
+
+    h = res_block(h.shape[-1], 'mid_block_resnets_0')(h, temb, train=train)
+    h = attn_block('mid_block_attentions_0')(h)
+    h = res_block(h.shape[-1], 'mid_block_resnets_1')(h, temb, train=train)
+
+    for i, mult in enumerate(reversed(self.ch_mult)):
+      prefix = f'up_blocks_{i}'
+      for j in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = res_block(self.ch * mult, f'{prefix}_resnets_{j}')(
+            h, temb, train=train)
+        if h.shape[1] in self.attn_resolutions:
+          h = attn_block(f'{prefix}_attentions_{j}')(h)
+      if i != len(self.ch_mult) - 1:
+        h = Upsample(self.dtype, name=f'{prefix}_upsamplers_0')(h)
+    assert not skips
+
+    h = nn.swish(nn.GroupNorm(self.num_groups, dtype=self.dtype,
+                              name='conv_norm_out')(h))
+    h = nn.Conv(self.out_channels, (3, 3), padding='SAME', dtype=self.dtype,
+                kernel_init=_zero_init_last(), name='conv_out')(h)
+    return h.astype(jnp.float32)
