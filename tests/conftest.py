@@ -8,3 +8,15 @@ import os
 os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Many tests compile the same tiny U-Net; a per-session persistent cache lets
+# them share compilations (the cache keys on the exact HLO, so it changes no
+# result).
+jax.config.update('jax_compilation_cache_dir',
+                  tempfile.mkdtemp(prefix='diffusion_jax_test_xla_cache_'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

@@ -1,0 +1,118 @@
+"""Orbax checkpoints of the train state and the input position.
+
+One small wrapper around `ocp.CheckpointManager` so the rest of the code
+never touches Orbax directly. A checkpoint holds two items:
+  state: the full `TrainState` (params, EMA params, optimizer state, step),
+  data:  the input iterator's position (JSON).
+Saves are asynchronous; a save that did not finish is never listed as a step
+(Orbax commits a step by an atomic rename), so resume never picks it.
+"""
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be used for this run; the message says why."""
+
+
+def _key_name(entry) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def _flat_shapes(tree) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """'params/conv_in/kernel' -> (shape, dtype); the same names for a live
+  tree and for Orbax metadata (which stores dataclasses and tuples as dicts)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: hasattr(x, 'shape') and hasattr(x, 'dtype'))
+  return {'/'.join(_key_name(k) for k in path):
+              (tuple(leaf.shape), np.dtype(leaf.dtype))
+          for path, leaf in flat if hasattr(leaf, 'shape')}
+
+
+class Checkpointer:
+  """Saves every N steps (decided by the caller), keeps the latest K."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3,
+               asynchronous: bool = True):
+    self.directory = os.path.abspath(directory) if '://' not in directory else directory
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True,
+            enable_async_checkpointing=asynchronous),
+        # Handlers up front so metadata can be read before any save/restore.
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': ocp.JsonCheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state, data_state: dict | None = None) -> bool:
+    """Starts an (async) save; never replaces an existing step."""
+    if step in self._manager.all_steps():
+      return False
+    return self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state or {})), force=True)
+
+  def check_compatible(self, abstract_state, step: int) -> None:
+    """Fails naming the first tensor whose shape differs from this model."""
+    try:
+      meta = self._manager.item_metadata(step)['state']
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f'checkpoint step {step} in {self.directory} is unreadable ({e!r}). '
+          'Move that step directory aside to resume from an earlier one, or '
+          'use a new --workdir.') from e
+    if meta is None:
+      raise CheckpointError(
+          f'checkpoint step {step} in {self.directory} has no state metadata: '
+          'it is corrupt or incomplete; move it aside or use a new --workdir.')
+    want, have = _flat_shapes(abstract_state), _flat_shapes(meta)
+    for key in sorted(set(want) | set(have)):
+      if key not in have or key not in want:
+        where = 'only in this run' if key not in have else 'only in the checkpoint'
+        raise CheckpointError(
+            f'{self.directory} holds a checkpoint of a different model: '
+            f'tensor {key} exists {where}. Use a new --workdir or the config '
+            'that wrote it (config.json beside the checkpoints).')
+      if want[key][0] != have[key][0]:
+        raise CheckpointError(
+            f'{self.directory} holds a checkpoint of a different model: '
+            f'{key} has shape {have[key][0]} in the checkpoint but '
+            f'{want[key][0]} in this run. Use a new --workdir or the config '
+            'that wrote it (config.json beside the checkpoints).')
+
+  def restore(self, abstract_state, step: int | None = None):
+    """Restores (state, data_state) onto the shardings of abstract_state."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'no checkpoint in {self.directory}')
+    self.check_compatible(abstract_state, step)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f'checkpoint step {step} in {self.directory} could not be restored '
+          f'({type(e).__name__}: {e}). It may be corrupt: move that step '
+          'directory aside to resume from an earlier step.') from e
+    return restored['state'], dict(restored['data'] or {})
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()

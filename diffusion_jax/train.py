@@ -1,0 +1,306 @@
+"""Training: the pure train step and the loop around it.
+
+Data parallelism is `jax.jit` over a 1-D device mesh: the batch is sharded on
+the 'data' axis, the train state is replicated, XLA inserts the gradient
+all-reduce. The same code runs on 1 CPU, a TPU v3-8 or many hosts.
+"""
+
+import functools
+import json
+import math
+import os
+import time
+
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from diffusion_jax import checkpointing, input_pipeline, losses, models
+from diffusion_jax import parallel, samplers, schedules, visualization
+from diffusion_jax.train_state import (TrainState, create_optimizer,
+                                       create_train_state, ema_update,
+                                       learning_rate_schedule)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training diverged; the message names the step and the kept checkpoint."""
+
+
+def check_config(config: ml_collections.ConfigDict, mesh) -> None:
+  """Fails before anything compiles if the config cannot work."""
+  parallel.check_batch_size(config.batch_size, mesh, 'config.batch_size')
+  if config.sample_every_steps:
+    parallel.check_batch_size(config.num_sample_images, mesh,
+                              'config.num_sample_images')
+  if config.diffusion.sampler_variance not in samplers.VARIANCES:
+    raise ValueError(f'config.diffusion.sampler_variance must be one of '
+                     f'{samplers.VARIANCES}, got '
+                     f'{config.diffusion.sampler_variance!r}')
+  losses.get_loss_fn(config.diffusion.loss)
+  schedules.get_betas(config.diffusion.beta_schedule, 2, beta_start=1e-4,
+                      beta_end=0.02)
+  size, levels = config.data.image_size, len(config.model.ch_mult)
+  if size % 2 ** (levels - 1):
+    raise ValueError(
+        f'config.data.image_size={size} cannot be halved {levels - 1} times '
+        f'by the U-Net (config.model.ch_mult={tuple(config.model.ch_mult)}): '
+        'use fewer levels or another image size')
+  for key in ('num_train_steps', 'log_every_steps', 'checkpoint_every_steps'):
+    if config[key] <= 0:
+      raise ValueError(f'config.{key} must be positive, got {config[key]}')
+  if not 0.0 <= config.optim.ema_decay < 1.0:
+    raise ValueError('config.optim.ema_decay must be in [0, 1)')
+
+
+def image_shape(config) -> tuple[int, int, int]:
+  return (config.data.image_size, config.data.image_size, config.data.channels)
+
+
+def create_model_and_schedule(config):
+  model = models.create_model(config.model, out_channels=config.data.channels)
+  return model, schedules.schedule_from_config(config.diffusion)
+
+
+def init_fn(config, model, optimizer):
+  """rng -> TrainState; jit it (with out_shardings) or eval_shape it."""
+  def init(rng):
+    x = jnp.zeros((1, *image_shape(config)), jnp.float32)
+    params = model.init({'params': rng}, x, jnp.zeros((1,), jnp.int32),
+                        train=False)['params']
+    return create_train_state(params, optimizer)
+  return init
+
+
+def abstract_train_state(config, model, optimizer, mesh):
+  """Shapes, dtypes and (replicated) shardings of the state, no compute."""
+  shapes = jax.eval_shape(init_fn(config, model, optimizer), jax.random.key(0))
+  repl = parallel.replicated(mesh)
+  return jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
+
+
+def make_train_step(config, model, schedule, optimizer):
+  """(state, images) -> (state, metrics); pure, to be jitted."""
+  loss_fn = losses.get_loss_fn(config.diffusion.loss)
+  lr_schedule = learning_rate_schedule(config.optim)
+
+  def train_step(state: TrainState, images: jax.Array):
+    # RNG from (seed, step): a resumed run draws the same numbers.
+    rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    loss_rng, dropout_rng = jax.random.split(rng)
+
+    def objective(params):
+      model_fn = lambda x, t: model.apply({'params': params}, x, t, train=True,
+                                          rngs={'dropout': dropout_rng})
+      return loss_fn(model_fn, schedule, images, loss_rng)
+
+    loss, grads = jax.value_and_grad(objective)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state,
+        ema_params=ema_update(state.ema_params, params, config.optim.ema_decay))
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+               'learning_rate': lr_schedule(state.step)}
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_train_step(train_step, mesh):
+  repl = parallel.replicated(mesh)
+  return jax.jit(train_step, in_shardings=(repl, parallel.batch_sharded(mesh)),
+                 out_shardings=(repl, repl), donate_argnums=(0,))
+
+
+def make_sample_fn(config, model, schedule, mesh):
+  """(params, x_T, rng) -> images in [-1, 1]; x_T sharded over 'data'."""
+  def sample(params, x_T, rng):
+    model_fn = lambda x, t: model.apply({'params': params}, x, t, train=False)
+    return samplers.ddpm_sample(
+        model_fn, schedule, x_T, rng,
+        variance=config.diffusion.sampler_variance,
+        clip_denoised=config.diffusion.clip_denoised)
+  batch = parallel.batch_sharded(mesh)
+  return jax.jit(sample, in_shardings=(parallel.replicated(mesh), batch, None),
+                 out_shardings=batch)
+
+
+def sample_noise(config, num: int, seed_offset: int, mesh) -> jax.Array:
+  """A fixed x_T, the same on any device layout."""
+  shape = (num, *image_shape(config))
+  make = jax.jit(lambda k: jax.random.normal(k, shape),
+                 out_shardings=parallel.batch_sharded(mesh))
+  return make(jax.random.fold_in(jax.random.key(config.seed), seed_offset))
+
+
+def write_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _flush_metrics(pending, first_step, writer, checkpointer, t_last, t_now):
+  """Pulls per-step metrics to host, fails on NaN/inf, writes means."""
+  host = jax.device_get(pending)
+  losses_ = np.array([m['loss'] for m in host])
+  grads = np.array([m['grad_norm'] for m in host])
+  bad = np.flatnonzero(~(np.isfinite(losses_) & np.isfinite(grads)))
+  if bad.size:
+    step = first_step + int(bad[0]) + 1
+    checkpointer.wait_until_finished()
+    raise NonFiniteLossError(
+        f'non-finite loss ({losses_[bad[0]]}) or gradient norm at step {step}. '
+        f'The last good checkpoint (step {checkpointer.latest_step()}) in '
+        f'{checkpointer.directory} is kept untouched; lower '
+        'config.optim.learning_rate, raise config.optim.warmup_steps or check '
+        'the data, then rerun to resume from it.')
+  last_step = first_step + len(host)
+  summary = {'loss': float(losses_.mean()), 'grad_norm': float(grads.mean()),
+             'learning_rate': float(host[-1]['learning_rate'])}
+  if t_now > t_last:
+    summary['steps_per_sec'] = len(host) / (t_now - t_last)
+  writer.write_scalars(last_step, summary)
+  return summary
+
+
+def _write_samples(config, workdir, writer, step, sample_fn, params, x_T):
+  images = visualization.to_uint8(jax.device_get(
+      sample_fn(params, x_T, jax.random.key(config.seed))))
+  # jax.device_get of a sharded array gathers only addressable shards on a
+  # multi-host run; samples are written by process 0 from its full copy.
+  grid = visualization.make_grid(images)
+  if jax.process_index() == 0:
+    path = visualization.save_png(
+        os.path.join(workdir, 'samples', f'ema_step_{step:08d}.png'), grid)
+    logging.info('EMA samples at step %d: %s', step, path)
+  writer.write_images(step, {'ema_samples': grid[None]})
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       mesh=None) -> TrainState:
+  """Trains (resuming from workdir if it holds a checkpoint); returns state."""
+  mesh = parallel.create_mesh() if mesh is None else mesh
+  check_config(config, mesh)
+  model, schedule = create_model_and_schedule(config)
+  optimizer = create_optimizer(config.optim)
+  abstract_state = abstract_train_state(config, model, optimizer, mesh)
+  checkpointer = checkpointing.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), max_to_keep=config.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    # Fails on a checkpoint of another model before anything compiles.
+    checkpointer.check_compatible(abstract_state, latest)
+
+  train_iter = input_pipeline.create_train_iterator(
+      config.data, global_batch_size=config.batch_size, seed=config.seed,
+      sharding=parallel.batch_sharded(mesh), start_step=latest or 0)
+  write_config(config, workdir)
+
+  if latest is not None:
+    state, data_state = checkpointer.restore(abstract_state, latest)
+    train_iter.set_state(data_state)
+    logging.info('Resumed from %s step %d', checkpointer.directory, latest)
+  else:
+    init = jax.jit(init_fn(config, model, optimizer),
+                   out_shardings=parallel.replicated(mesh))
+    state = init(jax.random.key(config.seed))
+  start_step = int(jax.device_get(state.step))
+
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  num_params = parameter_overview.count_parameters(state.params)
+  if jax.process_index() == 0:
+    parameter_overview.log_parameter_overview(state.params)
+  per_device = config.batch_size // mesh.devices.size
+  logging.info(
+      'Model: %s, %s parameters. Mesh: %s over %d devices (%s) on %d '
+      'process(es). Global batch %d, per device %d.', config.model.name,
+      f'{num_params:,}', dict(mesh.shape), mesh.devices.size,
+      jax.devices()[0].platform, jax.process_count(), config.batch_size,
+      per_device)
+  writer.write_hparams({'num_params': num_params, 'batch_size': config.batch_size,
+                        'num_devices': int(mesh.devices.size)})
+
+  train_step = jit_train_step(
+      make_train_step(config, model, schedule, optimizer), mesh)
+  sample_fn = x_T = None
+  if config.sample_every_steps:
+    sample_fn = make_sample_fn(config, model, schedule, mesh)
+    x_T = sample_noise(config, config.num_sample_images, 1, mesh)
+
+  num_steps = config.num_train_steps
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps,
+                                           writer=writer, every_secs=None,
+                                           every_steps=config.log_every_steps)
+  bar = tqdm.tqdm(total=num_steps, initial=start_step, unit='step',
+                  dynamic_ncols=True, disable=jax.process_index() > 0,
+                  desc='train')
+  pending, first_pending = [], start_step
+  t_last = time.perf_counter()
+  eta_logged = False
+  timing_start = None
+  try:
+    for step in range(start_step, num_steps):
+      state, metrics = train_step(state, next(train_iter))
+      pending.append(metrics)
+      done = step + 1
+      bar.update(1)
+      report(done)
+      if timing_start is None and done - start_step == 2:
+        jax.block_until_ready(state.step)  # first steps include compilation
+        timing_start = (done, time.perf_counter())
+      elif not eta_logged and timing_start and done - timing_start[0] == 10:
+        jax.block_until_ready(state.step)
+        sec = (time.perf_counter() - timing_start[1]) / 10
+        logging.info('Measured %.4f s/step (%.1f images/s): %d steps take '
+                     'about %s.', sec, config.batch_size / sec, num_steps,
+                     _hms(sec * (num_steps - start_step)))
+        eta_logged = True
+      is_last = done == num_steps
+      save_now = done % config.checkpoint_every_steps == 0 or is_last
+      if done % config.log_every_steps == 0 or save_now:
+        t_now = time.perf_counter()
+        summary = _flush_metrics(pending, first_pending, writer, checkpointer,
+                                 t_last, t_now)
+        if 'steps_per_sec' in summary:
+          writer.write_scalars(done, {'images_per_sec': summary['steps_per_sec']
+                                      * config.batch_size})
+        bar.set_postfix(loss=f"{summary['loss']:.4f}")
+        pending, first_pending, t_last = [], done, t_now
+      if save_now:
+        # The loss of the last step was computed before its update; check the
+        # updated params too so a diverged state is never written.
+        if not np.isfinite(float(optax.tree.norm(state.params))):
+          checkpointer.wait_until_finished()
+          raise NonFiniteLossError(
+              f'non-finite parameters after step {done}. The last good '
+              f'checkpoint (step {checkpointer.latest_step()}) is kept; lower '
+              'config.optim.learning_rate and rerun to resume from it.')
+        checkpointer.save(done, state, train_iter.get_state())
+      if sample_fn and (done % config.sample_every_steps == 0 or is_last):
+        _write_samples(config, workdir, writer, done, sample_fn,
+                       state.ema_params, x_T)
+  finally:
+    bar.close()
+    checkpointer.wait_until_finished()
+    writer.flush()
+  logging.info('Finished at step %d. Checkpoints: %s; samples: %s; '
+               'TensorBoard logs: %s', int(jax.device_get(state.step)),
+               checkpointer.directory, os.path.join(workdir, 'samples'),
+               workdir)
+  checkpointer.close()
+  return state
+
+
+def _hms(seconds: float) -> str:
+  seconds = int(round(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'

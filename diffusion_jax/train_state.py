@@ -1,0 +1,48 @@
+"""The train state (params, EMA params, optimizer state, step) and optimizer."""
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue; the RNG is derived from (seed, step)."""
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+def learning_rate_schedule(optim_config: ml_collections.ConfigDict):
+  """Linear warm-up from 0 to the learning rate, then constant (DDPM)."""
+  lr = optim_config.learning_rate
+  if optim_config.warmup_steps <= 0:
+    return optax.constant_schedule(lr)
+  return optax.linear_schedule(0.0, lr, optim_config.warmup_steps)
+
+
+def create_optimizer(optim_config: ml_collections.ConfigDict):
+  """Adam after clipping the gradient's global norm (DDPM: 1.0)."""
+  chain = []
+  if optim_config.grad_clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
+  chain.append(optax.adam(learning_rate_schedule(optim_config),
+                          b1=optim_config.adam_b1, b2=optim_config.adam_b2,
+                          eps=optim_config.adam_eps))
+  return optax.chain(*chain)
+
+
+def create_train_state(params, optimizer) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema_params=params, opt_state=optimizer.init(params))
+
+
+def ema_update(ema_params, params, decay: float):
+  """ema <- decay * ema + (1 - decay) * params, every step."""
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                      ema_params, params)

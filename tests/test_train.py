@@ -1,0 +1,211 @@
+"""The trainer: paper model size, 8-device equality, resume, bad input."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import cifar10_ddpm, default
+from diffusion_jax import checkpointing, generate, input_pipeline, parallel
+from diffusion_jax import train, train_state
+from tests.util import tiny_config
+
+
+def count_params(config):
+  model, _ = train.create_model_and_schedule(config)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0),
+                         jnp.zeros((1, *train.image_shape(config))),
+                         jnp.zeros((1,), jnp.int32), train=False))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+
+
+def test_paper_model_has_35_746_307_parameters():
+  assert count_params(cifar10_ddpm.get_config()) == 35_746_307
+
+
+def test_paper_config_carries_every_paper_hyperparameter():
+  c = cifar10_ddpm.get_config()
+  assert (c.batch_size, c.num_train_steps) == (128, 800_000)
+  assert (c.optim.learning_rate, c.optim.warmup_steps) == (2e-4, 5000)
+  assert (c.optim.grad_clip_norm, c.optim.ema_decay) == (1.0, 0.9999)
+  assert c.model.dropout == 0.1 and c.data.random_flip
+  assert (c.diffusion.num_timesteps, c.diffusion.beta_schedule) == (1000, 'linear')
+  assert (c.diffusion.beta_start, c.diffusion.beta_end) == (1e-4, 0.02)
+  assert (c.data.image_size, c.data.channels) == (32, 3)
+
+
+def test_learning_rate_warmup_and_clipping():
+  c = cifar10_ddpm.get_config()
+  lr = train_state.learning_rate_schedule(c.optim)
+  np.testing.assert_allclose([lr(0), lr(2500), lr(5000), lr(10 ** 6)],
+                             [0.0, 1e-4, 2e-4, 2e-4], rtol=1e-6)
+  # Clipping: a gradient of norm 10 enters Adam as norm 1, so the first Adam
+  # step (which normalises) is unchanged but the second moment sees 1/10.
+  opt = train_state.create_optimizer(c.optim)
+  params = {'w': jnp.zeros(4)}
+  state = opt.init(params)
+  _, state = opt.update({'w': jnp.full(4, 5.0)}, state, params)
+  nu = state[1][0].nu['w']
+  np.testing.assert_allclose(nu, (1 - 0.999) * 0.5 ** 2, rtol=1e-5)
+
+
+def test_config_is_locked_against_misspelt_keys():
+  config = default.get_config()
+  with pytest.raises(AttributeError):
+    config.model.chanels = 3  # pylint: disable=attribute-defined-outside-init
+
+
+def _one_step(config, mesh, images):
+  model, schedule = train.create_model_and_schedule(config)
+  optimizer = train_state.create_optimizer(config.optim)
+  state = jax.jit(train.init_fn(config, model, optimizer),
+                  out_shardings=parallel.replicated(mesh))(jax.random.key(0))
+  step = train.jit_train_step(
+      train.make_train_step(config, model, schedule, optimizer), mesh)
+  images = jax.device_put(images, parallel.batch_sharded(mesh))
+  state, m1 = step(state, images)
+  state, m2 = step(state, images)
+  return jax.device_get((state, m1, m2))
+
+
+def test_eight_devices_match_one_device():
+  assert jax.device_count() == 8
+  # No warm-up: with zero-initialised output layers, the first step only
+  # moves conv_out; the second moves everything.
+  config = tiny_config(**{'model.dropout': 0.1, 'optim.warmup_steps': 0})
+  images = np.random.default_rng(0).uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32)
+  s8, a8, b8 = _one_step(config, parallel.create_mesh(), images)
+  s1, a1, b1 = _one_step(config, parallel.create_mesh(jax.devices()[:1]), images)
+  for key in ('loss', 'grad_norm'):
+    np.testing.assert_allclose(a8[key], a1[key], rtol=1e-5)
+    np.testing.assert_allclose(b8[key], b1[key], rtol=1e-5)
+  # Adam divides by sqrt(v): where a gradient entry is ~0, float reordering
+  # of the all-reduce can move the update by a fraction of lr (1e-3) per step.
+  close = lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5)
+  jax.tree.map(close, s8.params, s1.params)
+  jax.tree.map(close, s8.ema_params, s1.ema_params)
+  # The step changed something: the comparison is not between two inits.
+  init8 = _one_step(tiny_config(**{'optim.learning_rate': 0.0,
+                                    'optim.warmup_steps': 0}),
+                    parallel.create_mesh(), images)[0]
+  assert not np.allclose(init8.params['conv_in']['kernel'],
+                         s8.params['conv_in']['kernel'])
+
+
+def test_resume_gives_the_same_params_as_an_uninterrupted_run(tmp_path):
+  config = tiny_config(**{'num_train_steps': 6})
+  full = jax.device_get(train.train_and_evaluate(config, str(tmp_path / 'a')))
+  workdir = str(tmp_path / 'b')
+  train.train_and_evaluate(tiny_config(**{'num_train_steps': 3}), workdir)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  assert ckpt.all_steps() == [2, 3]
+  ckpt.close()
+  resumed = jax.device_get(train.train_and_evaluate(config, workdir))
+  assert int(resumed.step) == int(full.step) == 6
+  jax.tree.map(np.testing.assert_array_equal, resumed.params, full.params)
+  jax.tree.map(np.testing.assert_array_equal, resumed.ema_params,
+               full.ema_params)
+  jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, full.opt_state)
+  assert os.path.exists(os.path.join(workdir, 'config.json'))
+
+
+def test_sample_mode_writes_png_and_npz_deterministically(tmp_path):
+  config = tiny_config()
+  workdir = str(tmp_path)
+  train.train_and_evaluate(config, workdir)
+  out = generate.generate(config, workdir)
+  images = np.load(os.path.join(out, 'samples.npz'))['images']
+  assert images.shape == (12, 8, 8, 1) and images.dtype == np.uint8
+  assert os.path.getsize(os.path.join(out, 'samples.png')) > 0
+  again = generate.generate(config, workdir)
+  np.testing.assert_array_equal(
+      np.load(os.path.join(again, 'samples.npz'))['images'], images)
+  assert images.std() > 0
+
+
+def test_sample_mode_without_checkpoint_says_train_first(tmp_path):
+  with pytest.raises(checkpointing.CheckpointError, match='train first'):
+    generate.generate(tiny_config(), str(tmp_path))
+
+
+def test_periodic_samples_are_written_as_png(tmp_path):
+  config = tiny_config(**{'sample_every_steps': 2, 'num_train_steps': 2})
+  train.train_and_evaluate(config, str(tmp_path))
+  assert os.listdir(tmp_path / 'samples') == ['ema_step_00000002.png']
+
+
+# ---------------------------------------------------------------- bad input --
+
+
+def test_batch_that_does_not_divide_across_devices(tmp_path):
+  with pytest.raises(ValueError, match='config.batch_size=12 does not divide '
+                     'across the 8 devices.*multiple of 8'):
+    train.train_and_evaluate(tiny_config(batch_size=12), str(tmp_path))
+  assert not os.path.exists(tmp_path / 'checkpoints' / '0')
+
+
+def test_unknown_data_source(tmp_path):
+  with pytest.raises(input_pipeline.DataError, match='digits'):
+    train.train_and_evaluate(tiny_config(**{'data.source': 'cifar'}),
+                             str(tmp_path))
+
+
+def test_missing_tfds_data_dir_fails_fast(tmp_path):
+  config = tiny_config(**{'data.source': 'tfds', 'data.name': 'cifar10',
+                          'data.data_dir': str(tmp_path / 'nowhere')})
+  with pytest.raises(input_pipeline.DataError, match='tfds build'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_image_shape_that_does_not_match_the_data(tmp_path):
+  with pytest.raises(input_pipeline.DataError, match='image_size'):
+    train.train_and_evaluate(tiny_config(**{'data.image_size': 16}),
+                             str(tmp_path))
+
+
+def test_image_size_the_unet_cannot_halve(tmp_path):
+  with pytest.raises(ValueError, match='ch_mult'):
+    train.train_and_evaluate(
+        tiny_config(**{'model.ch_mult': (1, 2, 2, 2, 2)}), str(tmp_path))
+
+
+def test_workdir_with_a_checkpoint_of_another_model(tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config(num_train_steps=2), workdir)
+  ckpt_dir = tmp_path / 'checkpoints' / '2'
+  before = sorted((p.name, p.stat().st_mtime_ns) for p in ckpt_dir.rglob('*'))
+  other = tiny_config(num_train_steps=4, **{'model.ch': 32})
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r'different model: ema_params/conv_in/bias has '
+                     r'shape \(16,\) in the checkpoint but \(32,\) in this run'):
+    train.train_and_evaluate(other, workdir)
+  after = sorted((p.name, p.stat().st_mtime_ns) for p in ckpt_dir.rglob('*'))
+  assert before == after
+
+
+def test_corrupt_checkpoint_is_reported_and_left_alone(tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config(num_train_steps=2), workdir)
+  state_dir = tmp_path / 'checkpoints' / '2' / 'state'
+  for f in state_dir.rglob('*'):
+    if f.is_file() and 'manifest' in f.name or f.parent.name == 'd':
+      f.write_bytes(b'garbage')
+  with pytest.raises(checkpointing.CheckpointError, match='step 2'):
+    train.train_and_evaluate(tiny_config(num_train_steps=4), workdir)
+  assert (tmp_path / 'checkpoints' / '2').exists()
+  assert not (tmp_path / 'checkpoints' / '4').exists()
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_good_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config(num_train_steps=2), workdir)
+  diverging = tiny_config(num_train_steps=8, **{
+      'optim.learning_rate': 1e30, 'optim.warmup_steps': 0})
+  with pytest.raises(train.NonFiniteLossError, match=r'step \d.*step 2\)'):
+    train.train_and_evaluate(diverging, workdir)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  assert ckpt.all_steps() == [2]
+  ckpt.close()
