@@ -46,7 +46,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str, mesh=None,
     # Distinct, reproducible x_T and noise per batch.
     x_T = train.sample_noise(config, batch, 1000 + i, mesh)
     rng = jax.random.fold_in(jax.random.key(config.seed), 1000 + i)
-    chunks.append(visualization.to_uint8(jax.device_get(
+    chunks.append(visualization.to_uint8(train.gather(
         sample_fn(params, x_T, rng))))
   images = np.concatenate(chunks)[:num]
   out_dir = os.path.join(workdir, 'samples', f'step_{step:08d}')

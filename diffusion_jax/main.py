@@ -4,7 +4,10 @@ r"""Command line: train or sample.
       [--config.batch_size=64 ...] [--mode=train|sample]
 """
 
+import difflib
+import importlib.util
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -18,9 +21,21 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietLibraries:
+  """Drops INFO records from Orbax and TensorStore internals (dozens per
+  save); warnings and errors pass, as does everything with --verbosity>=1."""
+
+  def filter(self, record):
+    if record.levelno > 20 or logging.get_verbosity() >= 1:
+      return True
+    return not any(part in record.pathname
+                   for part in ('/orbax/', '/tensorstore/', '/etils/'))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported here so --help stays fast and XLA_FLAGS set by the caller apply.
   import jax  # pylint: disable=g-import-not-at-top
   from diffusion_jax import generate, train  # pylint: disable=g-import-not-at-top
@@ -34,5 +49,41 @@ def main(argv):
     generate.generate(config, workdir)
 
 
+def _config_keys(config, prefix=''):
+  for key, value in config.items():
+    yield prefix + key
+    if hasattr(value, 'items'):
+      yield from _config_keys(value, f'{prefix}{key}.')
+
+
+def parse_flags(argv):
+  """absl parsing, with a one-line error for a config key that does not exist
+  (ml_collections raises a bare AttributeError deep in its override code)."""
+  try:
+    return FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    overrides = [a.split('=', 1)[0][len('--config.'):] for a in argv
+                 if a.startswith('--config.')]
+    known = set()
+    paths = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+    if paths:
+      try:
+        spec = importlib.util.spec_from_file_location(
+            '_config', paths[-1].split(':')[0])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        known = set(_config_keys(module.get_config()))
+      except Exception:  # pylint: disable=broad-except
+        pass
+    bad = [k for k in overrides if known and k not in known]
+    if not bad:
+      raise
+    hints = difflib.get_close_matches(bad[0], sorted(known), n=3)
+    sys.exit(f'error: config key {bad[0]!r} does not exist in the config file'
+             + (f'; did you mean {" or ".join(hints)}?' if hints else '.')
+             + ' Run with --config=FILE and see config.json in a workdir '
+             'for all keys.')
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -14,6 +14,7 @@ import time
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -139,6 +140,14 @@ def sample_noise(config, num: int, seed_offset: int, mesh) -> jax.Array:
   return make(jax.random.fold_in(jax.random.key(config.seed), seed_offset))
 
 
+def gather(x: jax.Array) -> np.ndarray:
+  """A batch-sharded array as one numpy array on every process (a plain
+  device_get only sees this process's shards on a multi-host run)."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def write_config(config, workdir: str) -> None:
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -171,10 +180,8 @@ def _flush_metrics(pending, first_step, writer, checkpointer, t_last, t_now):
 
 
 def _write_samples(config, workdir, writer, step, sample_fn, params, x_T):
-  images = visualization.to_uint8(jax.device_get(
+  images = visualization.to_uint8(gather(
       sample_fn(params, x_T, jax.random.key(config.seed))))
-  # jax.device_get of a sharded array gathers only addressable shards on a
-  # multi-host run; samples are written by process 0 from its full copy.
   grid = visualization.make_grid(images)
   if jax.process_index() == 0:
     path = visualization.save_png(

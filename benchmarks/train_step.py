@@ -1,0 +1,91 @@
+r"""Train-step and forward timing of a config's model on this machine.
+
+  .venv/bin/python benchmarks/train_step.py --config=configs/cifar10_ddpm.py \
+      --batch_size=8 --steps=5
+
+Prints seconds per train step, images/s, forward time, XLA's FLOP count and
+the process's peak RSS. Data are random (the input pipeline is benchmarked
+separately in benchmarks/input_pipeline.py).
+"""
+
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # pylint: disable=g-import-not-at-top
+from ml_collections import config_flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax import parallel, train, train_state
+
+config_flags.DEFINE_config_file('config', 'configs/cifar10_ddpm.py', 'Config.')
+flags.DEFINE_integer('batch_size', 8, 'Global batch size.')
+flags.DEFINE_integer('steps', 5, 'Timed steps (after one warm-up step).')
+FLAGS = flags.FLAGS
+
+
+def timed(fn, n):
+  fn()  # warm-up (compiled already)
+  times = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times)), float(np.min(times))
+
+
+def main(_):
+  config = FLAGS.config
+  mesh = parallel.create_mesh()
+  b = FLAGS.batch_size
+  model, schedule = train.create_model_and_schedule(config)
+  optimizer = train_state.create_optimizer(config.optim)
+  state = jax.jit(train.init_fn(config, model, optimizer),
+                  out_shardings=parallel.replicated(mesh))(jax.random.key(0))
+  step = train.jit_train_step(
+      train.make_train_step(config, model, schedule, optimizer), mesh)
+  images = jax.device_put(
+      jax.random.uniform(jax.random.key(1), (b, *train.image_shape(config)),
+                         minval=-1), parallel.batch_sharded(mesh))
+
+  t0 = time.perf_counter()
+  compiled = step.lower(state, images).compile()
+  compile_s = time.perf_counter() - t0
+  flops = compiled.cost_analysis().get('flops', float('nan'))
+
+  holder = {'state': state}
+
+  def run_step():
+    holder['state'], metrics = compiled(holder['state'], images)
+    return metrics['loss']
+
+  step_med, step_min = timed(run_step, FLAGS.steps)
+
+  fwd = jax.jit(lambda p, x, t: model.apply({'params': p}, x, t, train=False))
+  t = jnp.full((b,), 500, jnp.int32)
+  fwd_c = fwd.lower(holder['state'].params, images, t).compile()
+  fwd_flops = fwd_c.cost_analysis().get('flops', float('nan'))
+  fwd_med, _ = timed(lambda: fwd_c(holder['state'].params, images, t),
+                     FLAGS.steps)
+
+  rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+  print(f'devices: {jax.device_count()} x {jax.devices()[0].platform}; '
+        f'model params: '
+        f'{sum(x.size for x in jax.tree.leaves(holder["state"].params)):,}')
+  print(f'batch {b}: compile {compile_s:.1f} s')
+  print(f'train step: {step_med:.3f} s median ({step_min:.3f} min), '
+        f'{b / step_med:.1f} images/s, '
+        f'{flops / b / 1e9:.1f} GFLOP/image, {flops / step_med / 1e9:.0f} '
+        'GFLOP/s')
+  print(f'forward:    {fwd_med:.3f} s median, {b / fwd_med:.1f} images/s, '
+        f'{fwd_flops / b / 1e9:.1f} GFLOP/image')
+  print(f'peak RSS: {rss_gb:.2f} GB')
+
+
+if __name__ == '__main__':
+  app.run(main)
