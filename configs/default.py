@@ -72,6 +72,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample = sample = ml_collections.ConfigDict()
   sample.num_images = 64
   sample.batch_size = 64  # global; split over all devices.
+  # 0-based timesteps at which to save x0 predictions of the first batch as
+  # progressive.png (DDPM sec. 4.3), e.g. (999, 750, 500, 250, 100, 0).
+  sample.progressive_timesteps = ()
+  sample.progressive_num_images = 8  # rows of that figure
 
   # Locked: a misspelt key in an experiment file or on the command line is an
   # error, not a silently ignored new field.

@@ -4,8 +4,11 @@ Each sampler takes the starting noise x_T explicitly, so a fixed x_T and rng
 give the same images on any device layout.
 """
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax import schedules
 from diffusion_jax.losses import ModelFn
@@ -44,21 +47,40 @@ def p_mean_variance(model_fn: ModelFn, schedule: schedules.Schedule,
 
 def ddpm_sample(model_fn: ModelFn, schedule: schedules.Schedule,
                 x_T: jax.Array, rng: jax.Array, *, variance: str = 'beta',
-                clip_denoised: bool = True) -> jax.Array:
-  """Ancestral sampling, DDPM Algorithm 2: t = T..1, no noise at the end."""
+                clip_denoised: bool = True,
+                x0_at: Sequence[int] = ()):
+  """Ancestral sampling, DDPM Algorithm 2: t = T..1, no noise at the end.
+
+  Returns x_0, or (x_0, x0_predictions) when `x0_at` lists 0-based timesteps:
+  the predictions x0_hat(x_t) at those steps, shape (len(x0_at), *x_T.shape),
+  in the order given (the paper's progressive-generation figure, sec. 4.3).
+  """
   if variance not in VARIANCES:
     raise ValueError(f'unknown sampler variance {variance!r}: set '
                      f'config.diffusion.sampler_variance to one of {VARIANCES}')
+  num_t = schedule.num_timesteps
+  x0_at = tuple(int(t) for t in x0_at)
+  if any(not 0 <= t < num_t for t in x0_at):
+    raise ValueError(f'x0_at timesteps {x0_at} must lie in [0, {num_t - 1}]')
+  # Slot k of the buffer holds the prediction at x0_at[k]; other steps write
+  # to a scratch slot, so the loop carries K+1 images, not T.
+  slot_of_t = np.full(num_t, len(x0_at), np.int32)
+  slot_of_t[list(x0_at)] = np.arange(len(x0_at))
+  slot_of_t = jnp.asarray(slot_of_t)
 
-  def step(x, t_index):
+  def step(carry, t_index):
+    x, saved = carry
     t = jnp.full((x.shape[0],), t_index, dtype=jnp.int32)
-    mean, log_var, _ = p_mean_variance(model_fn, schedule, x, t,
-                                       variance=variance,
-                                       clip_denoised=clip_denoised)
+    mean, log_var, x0_hat = p_mean_variance(model_fn, schedule, x, t,
+                                            variance=variance,
+                                            clip_denoised=clip_denoised)
+    if x0_at:
+      saved = saved.at[slot_of_t[t_index]].set(x0_hat)
     z = jax.random.normal(jax.random.fold_in(rng, t_index), x.shape, x.dtype)
     nonzero = (t_index > 0).astype(x.dtype)  # z = 0 at the last step
-    return mean + nonzero * jnp.exp(0.5 * log_var) * z, None
+    return (mean + nonzero * jnp.exp(0.5 * log_var) * z, saved), None
 
-  timesteps = jnp.arange(schedule.num_timesteps - 1, -1, -1, dtype=jnp.int32)
-  x0, _ = jax.lax.scan(step, x_T, timesteps)
-  return x0
+  timesteps = jnp.arange(num_t - 1, -1, -1, dtype=jnp.int32)
+  saved = jnp.zeros((len(x0_at) + 1, *x_T.shape), x_T.dtype) if x0_at else None
+  (x0, saved), _ = jax.lax.scan(step, (x_T, saved), timesteps)
+  return (x0, saved[:-1]) if x0_at else x0

@@ -16,6 +16,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
@@ -119,17 +120,22 @@ def jit_train_step(train_step, mesh):
                  out_shardings=(repl, repl), donate_argnums=(0,))
 
 
-def make_sample_fn(config, model, schedule, mesh):
-  """(params, x_T, rng) -> images in [-1, 1]; x_T sharded over 'data'."""
+def make_sample_fn(config, model, schedule, mesh, x0_at=()):
+  """(params, x_T, rng) -> images in [-1, 1]; x_T sharded over 'data'.
+
+  With x0_at (0-based timesteps) it returns (images, x0 predictions at those
+  steps), the predictions shaped (len(x0_at), batch, H, W, C).
+  """
   def sample(params, x_T, rng):
     model_fn = lambda x, t: model.apply({'params': params}, x, t, train=False)
     return samplers.ddpm_sample(
         model_fn, schedule, x_T, rng,
         variance=config.diffusion.sampler_variance,
-        clip_denoised=config.diffusion.clip_denoised)
+        clip_denoised=config.diffusion.clip_denoised, x0_at=x0_at)
   batch = parallel.batch_sharded(mesh)
+  out = (batch, NamedSharding(mesh, P(None, parallel.DATA_AXIS))) if x0_at else batch
   return jax.jit(sample, in_shardings=(parallel.replicated(mesh), batch, None),
-                 out_shardings=batch)
+                 out_shardings=out)
 
 
 def sample_noise(config, num: int, seed_offset: int, mesh) -> jax.Array:

@@ -174,3 +174,29 @@ def test_unknown_sampler_variance():
     samplers.ddpm_sample(lambda x, t: x, schedules.Schedule.from_betas(
         schedules.linear_betas(3)), jnp.zeros((1, 2, 2, 1)),
                          jax.random.key(0), variance='learned')
+
+
+def test_sampler_returns_x0_predictions_at_requested_steps(schedule):
+  """x0_at must return exactly the x0_hat the loop computed at those steps:
+  recompute them by replaying the same chain step by step."""
+  small = schedules.Schedule.from_betas(schedules.linear_betas(6, 0.1, 0.3))
+  model_fn = gaussian_eps_denoiser(small, 0.2, 0.5)
+  x_T = jax.random.normal(jax.random.key(0), (3, 2, 2, 1))
+  rng = jax.random.key(7)
+  final, preds = samplers.ddpm_sample(model_fn, small, x_T, rng,
+                                      x0_at=(5, 2, 0))
+  np.testing.assert_array_equal(
+      final, samplers.ddpm_sample(model_fn, small, x_T, rng))
+  assert preds.shape == (3, 3, 2, 2, 1)
+  x, replay = x_T, {}
+  for t_index in range(5, -1, -1):
+    t = jnp.full((3,), t_index)
+    mean, log_var, x0_hat = samplers.p_mean_variance(model_fn, small, x, t)
+    replay[t_index] = x0_hat
+    z = jax.random.normal(jax.random.fold_in(rng, t_index), x.shape)
+    x = mean + (t_index > 0) * jnp.exp(0.5 * log_var) * z
+  for k, t_index in enumerate((5, 2, 0)):
+    np.testing.assert_allclose(preds[k], replay[t_index], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(preds[2], final, atol=1e-6)  # last x0_hat is x_0
+  with pytest.raises(ValueError, match='x0_at'):
+    samplers.ddpm_sample(model_fn, small, x_T, rng, x0_at=(6,))

@@ -120,10 +120,19 @@ def test_sample_mode_writes_png_and_npz_deterministically(tmp_path):
   images = np.load(os.path.join(out, 'samples.npz'))['images']
   assert images.shape == (12, 8, 8, 1) and images.dtype == np.uint8
   assert os.path.getsize(os.path.join(out, 'samples.png')) > 0
-  again = generate.generate(config, workdir)
+  assert images.std() > 0
+  # Again, with the progressive-generation figure: the same samples.
+  progressive = tiny_config(**{'sample.progressive_timesteps': (19, 10, 0),
+                               'sample.progressive_num_images': 4})
+  again = generate.generate(progressive, workdir)
   np.testing.assert_array_equal(
       np.load(os.path.join(again, 'samples.npz'))['images'], images)
-  assert images.std() > 0
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  fig = np.asarray(Image.open(os.path.join(again, 'progressive.png')))
+  # 4 rows x (3 predictions + final) columns of 8x8 tiles with 1px padding,
+  # upscaled by an integer factor to >= 256 px.
+  scale = fig.shape[1] // (4 * 9 + 1)
+  assert fig.shape[:2] == ((4 * 9 + 1) * scale, (4 * 9 + 1) * scale)
 
 
 def test_sample_mode_without_checkpoint_says_train_first(tmp_path):
@@ -209,3 +218,15 @@ def test_divergence_stops_with_the_step_and_keeps_the_good_checkpoint(tmp_path):
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
   assert ckpt.all_steps() == [2]
   ckpt.close()
+
+
+@pytest.mark.parametrize('name, steps, flip', [
+    ('celebahq_ddpm', 500_000, True), ('lsun_church_ddpm', 1_200_000, True),
+    ('lsun_bedroom_ddpm', 2_400_000, False), ('lsun_cat_ddpm', 1_800_000, True)])
+def test_paper_256_configs(name, steps, flip):
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f'configs.{name}').get_config()
+  assert count_params(config) == 113_673_219
+  assert (config.num_train_steps, config.data.random_flip) == (steps, flip)
+  assert (config.batch_size, config.optim.learning_rate) == (64, 2e-5)
+  assert config.model.dropout == 0.0 and config.data.image_size == 256

@@ -1,0 +1,17 @@
+"""DDPM on LSUN Church outdoor 256x256: 1,200,000 steps (paper FID 7.89).
+
+LSUN images are not square; export them once as image files under
+DATA_DIR/train/ (any layout below it) and pass
+--config.data.data_dir=DATA_DIR. The image_folder source center-crops and
+resizes them to 256x256 as the DDPM preprocessing does.
+"""
+
+from configs import ddpm_256
+
+
+def get_config():
+  config = ddpm_256.get_config()
+  config.data.source = 'image_folder'
+  config.data.random_flip = True
+  config.num_train_steps = 1_200_000
+  return config
