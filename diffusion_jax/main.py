@@ -1,7 +1,7 @@
-r"""Command line: train or sample.
+r"""Command line: train, sample or evaluate bits/dim.
 
   python -m diffusion_jax.main --config=configs/default.py --workdir=DIR \
-      [--config.batch_size=64 ...] [--mode=train|sample]
+      [--config.batch_size=64 ...] [--mode=train|sample|eval]
 """
 
 import difflib
@@ -15,10 +15,20 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, samples and '
                     'TensorBoard logs; a run resumes from it.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample'], 'What to run.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'],
+                  'What to run; eval: bits/dim of the EMA params on '
+                  'config.data.eval_split.')
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
+flags.DEFINE_bool('distributed', False,
+                  'Multi-process run with auto-detected peers (TPU VM pod '
+                  'slices, SLURM): calls jax.distributed.initialize().')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0 for an explicit multi-process '
+                    'run (GPU clusters without SLURM, CPU tests).')
+flags.DEFINE_integer('num_processes', None, 'With --coordinator_address.')
+flags.DEFINE_integer('process_id', None, 'With --coordinator_address.')
 
 
 class _QuietLibraries:
@@ -32,19 +42,37 @@ class _QuietLibraries:
                    for part in ('/orbax/', '/tensorstore/', '/etils/'))
 
 
+def initialize_distributed(jax) -> None:
+  """Joins the other processes before any device is touched."""
+  if FLAGS.coordinator_address:
+    if FLAGS.num_processes is None or FLAGS.process_id is None:
+      raise app.UsageError('--coordinator_address needs --num_processes and '
+                           '--process_id')
+    # CPU collectives across processes (no effect on TPU/GPU backends).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
+  elif FLAGS.distributed:
+    jax.distributed.initialize()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported here so --help stays fast and XLA_FLAGS set by the caller apply.
   import jax  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import generate, train  # pylint: disable=g-import-not-at-top
+  initialize_distributed(jax)
+  from diffusion_jax import evaluate, generate, train  # pylint: disable=g-import-not-at-top
 
   logging.info('JAX %s, process %d/%d, devices: %s', jax.__version__,
                jax.process_index(), jax.process_count(), jax.devices())
   config, workdir = FLAGS.config, os.path.abspath(FLAGS.workdir)
   if FLAGS.mode == 'train':
     train.train_and_evaluate(config, workdir)
+  elif FLAGS.mode == 'eval':
+    evaluate.evaluate(config, workdir)
   else:
     generate.generate(config, workdir)
 
