@@ -49,6 +49,9 @@ def get_config():
   config.keep_checkpoints = 3
   config.sample_every_steps = 50_000
   config.num_sample_images = 64
+  # FID 3.17 / IS 9.46 in the paper: 50k samples against the training set.
+  config.fid.num_samples = 50_000
+  config.fid.reference = 'train'
   config.sample.num_images = 256
   config.sample.batch_size = 256
   return config

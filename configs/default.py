@@ -77,6 +77,32 @@ def get_config() -> ml_collections.ConfigDict:
   sample.progressive_timesteps = ()
   sample.progressive_num_images = 8  # rows of that figure
 
+  # Scale-out throughput knobs (diffusion_jax/train.py). Both leave the
+  # trained params unchanged (up to float summation order; see
+  # make_train_step for the dropout caveat of grad_accum_steps).
+  # Train steps per compiled call (one lax.scan over a (k, B, ...) stack):
+  # fewer host round trips on TPU. log/checkpoint/sample intervals and
+  # num_train_steps must be multiples of it.
+  config.steps_per_call = 1
+  # Micro-batches per step when the per-device batch does not fit in memory:
+  # gradients are averaged over them, then one optimizer update. The
+  # per-device batch (batch_size / devices) must be a multiple of it.
+  config.grad_accum_steps = 1
+
+  # Sample quality: FID / Inception Score / KID (diffusion_jax/
+  # sample_metrics.py) on EMA samples, in --mode=eval and during training.
+  config.fid = fid = ml_collections.ConfigDict()
+  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or an .npz of its
+  # tensors). '' = a randomly initialised network: the code path runs, the
+  # numbers are NOT comparable to published FIDs (logged loudly).
+  fid.weights_path = ''
+  fid.reference = 'train'  # 'train' | 'eval' split, or a mu/sigma .npz
+  fid.num_samples = 0  # --mode=eval (the paper: 50,000); 0 skips FID
+  fid.every_steps = 0  # during training; 0 = never
+  fid.train_num_samples = 5_000  # per periodic FID during training
+  fid.resize_to = 299  # Inception input size (the reference: 299)
+  fid.cache_dir = ''  # reference statistics cache; '' = workdir/fid_stats
+
   # Locked: a misspelt key in an experiment file or on the command line is an
   # error, not a silently ignored new field.
   config.lock()

@@ -20,6 +20,7 @@ import os
 import time
 
 from absl import logging
+from clu import metric_writers
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -28,7 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 import tqdm
 
 from diffusion_jax import generate, input_pipeline, likelihood, parallel
-from diffusion_jax import samplers, train
+from diffusion_jax import sample_metrics, samplers, train
 
 # Keeps the eval noise apart from the training (fold 0/1) and sampling
 # (1000 + i) streams of the same seed.
@@ -117,6 +118,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=None,
     raise input_pipeline.DataError(f'split {split!r} yielded no images')
 
   metrics = summarize(totals, schedule.num_timesteps)
+  if config.fid.num_samples:
+    metrics['sample_quality'] = sample_metrics.compute_sample_metrics(
+        config, workdir, mesh, params, num_samples=config.fid.num_samples,
+        inception_params=sample_metrics.load_inception(
+            config.fid.weights_path),
+        reference=config.fid.reference, resize_to=config.fid.resize_to,
+        cache_dir=config.fid.cache_dir or None)
   metrics.update(
       split=split, step=int(step), seconds=time.perf_counter() - start,
       sampler_variance=config.diffusion.sampler_variance,
@@ -128,6 +136,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=None,
     with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
       json.dump(metrics, f, indent=1)
     plot_curves(metrics, os.path.join(out_dir, 'curve.png'))
+    writer = metric_writers.create_default_writer(os.path.join(workdir, 'eval'))
+    scalars = {f'eval/{k}': metrics[k] for k in (
+        'total_bpd', 'prior_bpd', 'kl_terms_bpd', 'decoder_bpd')}
+    quality = metrics.get('sample_quality') or {}
+    # Which reference (train/test split or a stats file) is in the JSON.
+    scalars.update({f'eval/{k}': quality[k] for k in ('fid', 'is_mean',
+                                                      'kid_mean')
+                    if quality.get(k) is not None})
+    writer.write_scalars(int(step), scalars)
+    writer.close()
   logging.info(
       'Eval step %d, %s split (%d images): %.4f +- %.4f bits/dim = prior '
       '%.2e + sum L_1..L_%d %.4f + decoder L_0 %.4f (%.1f s). Wrote %s',
@@ -135,6 +153,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=None,
       metrics['total_bpd_stderr'], metrics['prior_bpd'],
       schedule.num_timesteps - 1, metrics['kl_terms_bpd'],
       metrics['decoder_bpd'], metrics['seconds'], out_dir)
+  if 'sample_quality' in metrics:
+    q = metrics['sample_quality']
+    logging.info('Sample quality of %d EMA samples vs the %s statistics: '
+                 'FID %.3f, IS %.3f +- %.3f, KID %s%s', q['num_samples'],
+                 q['fid_vs'], q['fid'], q['is_mean'], q['is_std'],
+                 q['kid_mean'], '' if q['comparable_to_published'] else
+                 ' (NOT comparable to published numbers: see the warning)')
   return metrics
 
 

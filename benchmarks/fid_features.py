@@ -1,0 +1,110 @@
+r"""Inception feature extraction speed, and FIDs with the random network.
+
+  .venv/bin/python benchmarks/fid_features.py --num_timed=32 --num_fid=128
+
+1. Times feature extraction of 32x32 RGB images at the real 299x299 input
+   (after one compile) and extrapolates to 10k images when fewer are timed.
+2. FIDs against the digits test split (300 images), with RANDOM Inception
+   weights (none exist offline), so only the ordering means anything:
+   digits train images (real data: should be lowest), EMA samples of the
+   run in --workdir if it has a checkpoint (via compute_sample_metrics), and
+   uniform noise (should be highest). FIDs from so few images are strongly
+   biased upwards; they are no published-comparable numbers.
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+import jax
+import numpy as np
+
+from configs import default
+from diffusion_jax import generate, inception, input_pipeline, parallel
+from diffusion_jax import sample_metrics
+
+flags.DEFINE_integer('num_timed', 32, 'Images timed for the 10k estimate.')
+flags.DEFINE_integer('batch_size', 16, 'Inception batch (global).')
+flags.DEFINE_integer('num_fid', 128, 'Images per FID set.')
+flags.DEFINE_integer('resize_to', inception.INPUT_SIZE, 'Inception input.')
+flags.DEFINE_string('workdir', 'workdir/digits', 'Run with a digits '
+                    'checkpoint (configs/default.py) to sample from; '
+                    'skipped if absent.')
+FLAGS = flags.FLAGS
+
+
+def _features(fn, variables, mesh, images_u8, batch):
+  """uint8 NHWC -> FeatureStats, padded to whole batches."""
+  stats = sample_metrics.FeatureStats(max_kid_features=0)
+  x = images_u8.astype(np.float32) / 127.5 - 1.0
+  pad = -len(x) % batch
+  x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], np.float32)])
+  sharding = parallel.batch_sharded(mesh)
+  batches = ((jax.device_put(x[i:i + batch], sharding), None)
+             for i in range(0, len(x), batch))
+  return sample_metrics.accumulate_features(stats, fn, variables, batches,
+                                            num=len(images_u8))
+
+
+def main(_):
+  mesh = parallel.create_mesh()
+  params = inception.random_params(0)
+  variables = sample_metrics.replicate(params, mesh)
+  fn = sample_metrics.make_feature_fn(mesh, FLAGS.resize_to)
+  b = FLAGS.batch_size
+  rng = np.random.default_rng(0)
+  x = jax.device_put(rng.uniform(-1, 1, (b, 32, 32, 3)).astype(np.float32),
+                     parallel.batch_sharded(mesh))
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(variables, x))
+  compile_s = time.perf_counter() - t0
+  n_batches = max(1, FLAGS.num_timed // b)
+  t0 = time.perf_counter()
+  for _ in range(n_batches):
+    jax.block_until_ready(fn(variables, x))
+  per_image = (time.perf_counter() - t0) / (n_batches * b)
+  print(f'Inception features at {FLAGS.resize_to}x{FLAGS.resize_to}, '
+        f'{jax.device_count()} device(s), batch {b}: compile+first batch '
+        f'{compile_s:.1f} s; {per_image * 1e3:.0f} ms/image over '
+        f'{n_batches * b} timed images -> 10k images ~ '
+        f'{per_image * 1e4 / 60:.1f} min (extrapolated, not run).')
+
+  config = default.get_config()
+  n = FLAGS.num_fid
+  test = input_pipeline.load_split(config.data, 'test').images
+  train_imgs = input_pipeline.load_split(config.data, 'train').images[:n]
+  noise = rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
+  ref = _features(fn, variables, mesh, test, b)
+  print(f'RANDOM-network FID vs digits test ({ref.count} images), '
+        f'{n} images each, {FLAGS.resize_to}px input:')
+  for name, imgs in (('digits train images', train_imgs),
+                     ('uniform noise', noise)):
+    s = _features(fn, variables, mesh, imgs, b)
+    fid = sample_metrics.frechet_distance(ref.mu, ref.sigma, s.mu, s.sigma)
+    print(f'  {name:22s} FID {fid:10.4f}')
+  if os.path.isdir(os.path.join(FLAGS.workdir, 'checkpoints')):
+    config.sample.batch_size = 64
+    t0 = time.perf_counter()
+    try:
+      ema, step = generate.load_ema_params(config, FLAGS.workdir, mesh)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f'  (no samples: {FLAGS.workdir} does not restore with '
+            f'configs/default.py: {e})')
+      return
+    out = sample_metrics.compute_sample_metrics(
+        config, FLAGS.workdir, mesh, ema, num_samples=n,
+        inception_params=params, resize_to=FLAGS.resize_to, kid_subsets=10,
+        cache_dir=tempfile.mkdtemp(prefix='fid_stats_'))  # not the run's dir
+    print(f'  {"EMA samples, step " + str(step):22s} FID {out["fid"]:10.4f} '
+          f'IS {out["is_mean"]:.3f} KID {out["kid_mean"]:.4f} '
+          f'(compute_sample_metrics, {time.perf_counter() - t0:.0f} s incl. '
+          f'1000-step sampling)')
+
+
+if __name__ == '__main__':
+  logging.set_verbosity(logging.ERROR)
+  app.run(main)

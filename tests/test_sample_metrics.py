@@ -1,0 +1,396 @@
+"""FID / IS / KID: the math against independent formulas, the FID Inception's
+shape and size, sharding, the statistics files, and one end-to-end run.
+
+No Inception weights exist offline, so network tests use random weights at a
+small input size; `test_matches_pytorch_fid` compares against pytorch-fid
+itself where it is installed (see requirements-fid.txt).
+"""
+
+import importlib.util
+import json
+import os
+from unittest import mock
+
+if importlib.util.find_spec('pytorch_fid'):
+  # torchvision segfaults when imported after tensorflow (which
+  # diffusion_jax.train pulls in through clu); torch first is fine.
+  import pytorch_fid.inception  # pylint: disable=g-import-not-at-top,unused-import
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+from diffusion_jax import inception, input_pipeline, parallel
+from diffusion_jax import sample_metrics, train
+from tests.util import tiny_config
+
+SMALL = inception.MIN_INPUT_SIZE  # 75: the cheapest input the network takes.
+
+
+def _random_spd(rng, d, rank=None, jitter=0.0):
+  a = rng.normal(size=(d, rank or d))
+  return a @ a.T / d + jitter * np.eye(d)
+
+
+def _scipy_fid(mu1, s1, mu2, s2):
+  """pytorch-fid's formula: scipy sqrtm of s1 s2 with its eps fallback."""
+  covmean = scipy.linalg.sqrtm(s1 @ s2)
+  if not np.isfinite(covmean).all():
+    offset = np.eye(len(s1)) * 1e-6
+    covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+  covmean = covmean.real
+  diff = mu1 - mu2
+  return diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+
+
+@pytest.mark.parametrize('rank', [None, 8])  # full rank and near-singular
+def test_frechet_distance_matches_scipy_sqrtm(rank):
+  rng = np.random.default_rng(0)
+  d = 32
+  mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+  s1 = _random_spd(rng, d, rank, jitter=1e-9 if rank else 0.0)
+  s2 = _random_spd(rng, d)
+  got = sample_metrics.frechet_distance(mu1, s1, mu2, s2)
+  np.testing.assert_allclose(got, _scipy_fid(mu1, s1, mu2, s2), rtol=1e-6)
+  np.testing.assert_allclose(sample_metrics.frechet_distance(
+      mu1, s1, mu2, s2, sqrt_sigma1=sample_metrics.sqrtm_psd(s1)), got,
+                             rtol=1e-12)
+  # Symmetric in its arguments, as a distance must be.
+  np.testing.assert_allclose(
+      sample_metrics.frechet_distance(mu2, s2, mu1, s1), got, rtol=1e-6)
+
+
+def test_frechet_distance_of_identical_stats_is_zero():
+  rng = np.random.default_rng(1)
+  mu, s = rng.normal(size=64), _random_spd(rng, 64, rank=16)
+  assert abs(sample_metrics.frechet_distance(mu, s, mu, s)) < 1e-6 * np.trace(s)
+  with pytest.raises(sample_metrics.StatsError, match='dimension'):
+    sample_metrics.frechet_distance(mu, s, mu[:3], s[:3, :3])
+
+
+def test_inception_score_uniform_is_one_and_one_hot_is_k():
+  uniform = np.zeros((100, inception.NUM_CLASSES))
+  np.testing.assert_allclose(sample_metrics.inception_score(uniform, 1)[0], 1.0)
+  k = 7
+  one_hot = 100.0 * np.eye(inception.NUM_CLASSES)[np.arange(70) % k]
+  mean, std = sample_metrics.inception_score(one_hot, splits=1)
+  np.testing.assert_allclose(mean, k, rtol=1e-6)
+  assert std == 0.0
+  mean, std = sample_metrics.inception_score(one_hot, splits=10)
+  np.testing.assert_allclose(mean, k, rtol=1e-6)
+
+
+def _mmd2_loops(x, y):
+  """The unbiased MMD^2 written out term by term (Gretton et al. 2012)."""
+  k = lambda a, b: (a @ b / len(a) + 1.0) ** 3
+  m = len(x)
+  xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j)
+  yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j)
+  xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m))
+  return xx / (m * (m - 1)) + yy / (m * (m - 1)) - 2 * xy / m ** 2
+
+
+def test_kid_unbiased_estimator_and_sign():
+  rng = np.random.default_rng(2)
+  x, y = rng.normal(size=(20, 5)), rng.normal(size=(20, 5))
+  np.testing.assert_allclose(sample_metrics.mmd2_unbiased(x, y),
+                             _mmd2_loops(x, y), rtol=1e-10)
+  # One subset of all rows is a permutation, which MMD^2 ignores.
+  mean, std = sample_metrics.kid(x, y, subsets=1, subset_size=20)
+  np.testing.assert_allclose(mean, _mmd2_loops(x, y), rtol=1e-10)
+  assert std == 0.0
+
+  a, b = rng.normal(size=(2, 600, 16))
+  same, same_std = sample_metrics.kid(a, b, subsets=20, subset_size=300)
+  shifted, _ = sample_metrics.kid(a, b + 1.0, subsets=20, subset_size=300)
+  assert abs(same) < 3 * same_std + 1e-3  # unbiased: ~0, either sign
+  assert shifted > 50 * max(abs(same), same_std)
+  with pytest.warns(UserWarning, match='subsets of 600'):
+    sample_metrics.kid(a, b, subsets=1, subset_size=1000)
+
+
+def test_feature_stats_stream_like_numpy_and_reservoir_is_bounded():
+  rng = np.random.default_rng(3)
+  feats = rng.normal(3.0, 2.0, size=(1100, 6)).astype(np.float32)
+  stats = sample_metrics.FeatureStats(6, max_kid_features=20)
+  # Uneven batches, across the 512-row blocks of the x^T x update.
+  for chunk in np.array_split(feats, [7, 8, 30, 700]):
+    stats.update(chunk)
+  assert stats.count == 1100
+  np.testing.assert_allclose(stats.mu, feats.astype(np.float64).mean(0),
+                             rtol=1e-12)
+  np.testing.assert_allclose(stats.sigma, np.cov(feats.astype(np.float64),
+                                                 rowvar=False), rtol=1e-10)
+  kept = stats.kid_features
+  assert kept.shape == (20, 6)
+  # Distinct rows, all from the stream, not simply the first 20.
+  rows = {r.tobytes() for r in feats}
+  assert all(r.tobytes() in rows for r in kept)
+  assert len({r.tobytes() for r in kept}) == 20
+  assert not np.array_equal(kept, feats[:20])
+
+
+def test_stats_file_round_trip_and_errors(tmp_path):
+  rng = np.random.default_rng(4)
+  stats = sample_metrics.FeatureStats(inception.POOL_DIM, max_kid_features=5)
+  stats.update(rng.normal(size=(8, inception.POOL_DIM)).astype(np.float32))
+  path = str(tmp_path / 'ref.npz')
+  sample_metrics.save_stats(path, stats, split='test')
+  loaded = sample_metrics.load_stats(path)
+  np.testing.assert_array_equal(loaded['mu'], stats.mu)
+  np.testing.assert_array_equal(loaded['sigma'], stats.sigma)
+  np.testing.assert_array_equal(loaded['kid_features'], stats.kid_features)
+  assert loaded['num_images'] == 8
+
+  # pytorch-fid's own layout (just mu and sigma) loads too, without KID.
+  published = str(tmp_path / 'published.npz')
+  np.savez(published, mu=stats.mu, sigma=stats.sigma)
+  assert set(sample_metrics.load_stats(published)) == {'mu', 'sigma'}
+
+  with pytest.raises(sample_metrics.StatsError, match='no statistics file'):
+    sample_metrics.load_stats(str(tmp_path / 'missing.npz'))
+  np.savez(tmp_path / 'nosigma.npz', mu=stats.mu)
+  with pytest.raises(sample_metrics.StatsError, match=r"lacks \['sigma'\]"):
+    sample_metrics.load_stats(str(tmp_path / 'nosigma.npz'))
+  np.savez(tmp_path / 'pool2.npz', mu=np.zeros(768), sigma=np.eye(768))
+  with pytest.raises(sample_metrics.StatsError, match=r'\(768,\).*\(2048,\)'):
+    sample_metrics.load_stats(str(tmp_path / 'pool2.npz'))
+
+
+def test_network_shapes_and_parameter_count():
+  model = inception.FIDInceptionV3()  # 299x299: shapes only, no compute
+  variables = inception.abstract_variables()
+  pool, logits = jax.eval_shape(
+      model.apply, variables, jax.ShapeDtypeStruct((2, 32, 32, 1), jnp.float32))
+  assert pool.shape == (2, inception.POOL_DIM)
+  assert logits.shape == (2, inception.NUM_CLASSES)
+  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  # Measured on pytorch-fid 0.3.0's fid_inception_v3(): parameters()
+  # 23,850,960; state dict without num_batches_tracked 23,885,392 (the
+  # difference is the 34,432 BatchNorm running means and variances).
+  assert count(variables['params']) == 23_850_960
+  assert count(variables['batch_stats']) == 34_432
+
+
+def _bilinear_align_corners_false(img, out):
+  """torch's F.interpolate(bilinear, align_corners=False), one axis at a time."""
+  def axis(x, n_out, ax):
+    n_in = x.shape[ax]
+    src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0)
+    lo = np.minimum(np.floor(src).astype(int), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    w = (src - lo).reshape([-1 if a == ax else 1 for a in range(x.ndim)])
+    return np.take(x, lo, ax) * (1 - w) + np.take(x, hi, ax) * w
+  return axis(axis(img, out, 1), out, 2)
+
+
+@pytest.mark.parametrize('size_in,size_out', [(8, 13), (17, 11)])
+def test_resize_is_bilinear_half_pixel_without_antialiasing(size_in, size_out):
+  img = np.random.default_rng(5).uniform(size=(2, size_in, size_in, 3))
+  got = inception.preprocess(jnp.asarray(img, jnp.float32), size_out)
+  want = 2 * _bilinear_align_corners_false(img, size_out) - 1
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  gray = inception.preprocess(jnp.asarray(img[..., :1], jnp.float32), size_out)
+  np.testing.assert_allclose(gray, np.repeat(want[..., :1], 3, -1), atol=1e-5)
+
+
+def _to_torch_layout(variables):
+  """Our variables as a pytorch-fid state dict (the converter's inverse)."""
+  state = {}
+  flat = jax.tree_util.tree_flatten_with_path(variables)[0]
+  for keypath, value in flat:
+    collection, *path = [k.key for k in keypath]
+    value, prefix = np.asarray(value), '.'.join(path[:-1])
+    leaf = path[-1]
+    if collection == 'batch_stats':
+      state[f'{prefix}.running_{leaf}'] = value
+    elif leaf == 'kernel':
+      state[f'{prefix}.weight'] = (value.T if value.ndim == 2
+                                   else value.transpose(3, 2, 0, 1))
+    else:
+      state[f'{prefix}.{"weight" if leaf == "scale" else "bias"}'] = value
+  return state
+
+
+@pytest.fixture(scope='module')
+def random_inception():
+  return inception.random_params(0)
+
+
+def test_weight_conversion_round_trip_and_errors(random_inception, tmp_path):
+  state = _to_torch_layout(random_inception.variables)
+  assert len(state) == 566 - 94  # pytorch-fid's keys minus num_batches_tracked
+  path = str(tmp_path / 'fid_weights.npz')
+  np.savez(path, **state)
+  loaded = inception.load_pytorch_fid_weights(path)
+  assert not loaded.is_random
+  jax.tree.map(np.testing.assert_array_equal, loaded.variables,
+               jax.tree.map(np.asarray, random_inception.variables))
+
+  with pytest.raises(inception.WeightsError, match='not found'):
+    inception.load_pytorch_fid_weights(str(tmp_path / 'absent.pth'))
+  bad = dict(state)
+  del bad['Mixed_6b.branch7x7_2.conv.weight']
+  with pytest.raises(inception.WeightsError,
+                     match=r"lack.*'Mixed_6b\.branch7x7_2\.conv\.weight'"):
+    inception.convert_state_dict(bad)
+  bad = dict(state, **{'fc.weight': np.zeros((1000, 2048), np.float32)})
+  with pytest.raises(inception.WeightsError,
+                     match=r"'fc\.weight' has shape \(1000, 2048\).*"
+                           r"\(1008, 2048\)"):
+    inception.convert_state_dict(bad)
+
+
+def test_features_on_eight_devices_equal_one_device(random_inception):
+  assert jax.device_count() == 8
+  images = np.random.default_rng(6).uniform(-1, 1, (8, 8, 8, 1)).astype(
+      np.float32)
+  outs = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = parallel.create_mesh(devices)
+    fn = sample_metrics.make_feature_fn(mesh, SMALL)
+    out = fn(sample_metrics.replicate(random_inception, mesh),
+             jax.device_put(images, parallel.batch_sharded(mesh)))
+    outs.append({k: train.gather(v) for k, v in out.items()})
+  for k in outs[0]:
+    np.testing.assert_allclose(outs[1][k], outs[0][k], rtol=1e-5, atol=1e-6)
+  assert outs[0]['pool'].shape == (8, inception.POOL_DIM)
+  assert outs[0]['logits_unbiased'].shape == (8, inception.NUM_CLASSES)
+  assert np.std(outs[0]['pool']) > 1e-3  # random features are not degenerate
+
+
+def test_compute_sample_metrics_end_to_end(random_inception, tmp_path):
+  # 20 diffusion steps, sample batch 8; a 24-image eval split keeps the
+  # reference pass short (digits' own test split is 300 images).
+  digits = input_pipeline.load_split(tiny_config().data, 'test').images
+  np.savez(tmp_path / 'data.npz', train_images=digits[24:48],
+           test_images=digits[:24])
+  config = tiny_config(**{'data.source': 'npz',
+                          'data.data_dir': str(tmp_path / 'data.npz')})
+  mesh = parallel.create_mesh()
+  model, _ = train.create_model_and_schedule(config)
+  params = jax.jit(lambda k: model.init(
+      k, jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32),
+      train=False)['params'], out_shardings=parallel.replicated(mesh))(
+          jax.random.key(0))
+  kwargs = dict(num_samples=12, inception_params=random_inception,
+                reference='eval', resize_to=SMALL, kid_subsets=5)
+  with pytest.warns(UserWarning, match='KID: only 12'):
+    out = sample_metrics.compute_sample_metrics(config, str(tmp_path), mesh,
+                                                params, **kwargs)
+  assert out['fid_vs'] == 'test' and out['num_samples'] == 12
+  assert out['reference_num_images'] == 24
+  assert out['inception_weights'] == 'random'
+  assert not out['comparable_to_published']
+  for key in ('fid', 'is_mean', 'is_std', 'kid_mean', 'kid_std'):
+    assert np.isfinite(out[key]), key
+  assert out['fid'] > 0 and out['is_mean'] >= 1.0
+  assert os.path.isfile(out['reference_stats'])
+  assert out['reference_stats'].startswith(str(tmp_path / 'fid_stats'))
+
+  # Second call: reference statistics come from the cache, samples are the
+  # same (fixed noise streams), so IS and KID repeat. The FID is stubbed (a
+  # 2048-d eigendecomposition takes seconds here): it must be handed the
+  # cached square root of the reference covariance.
+  with mock.patch.object(sample_metrics.input_pipeline,
+                         'create_eval_iterator',
+                         side_effect=AssertionError('cache not used')), \
+       mock.patch.object(sample_metrics, 'frechet_distance',
+                         return_value=2.5) as fid:
+    with pytest.warns(UserWarning, match='KID: only 12'):
+      again = sample_metrics.compute_sample_metrics(
+          config, str(tmp_path), mesh, params, **kwargs)
+  for key in ('is_mean', 'kid_mean'):
+    np.testing.assert_allclose(again[key], out[key], rtol=1e-6)
+  ref = sample_metrics.load_stats(out['reference_stats'])
+  np.testing.assert_allclose(fid.call_args.kwargs['sqrt_sigma1'],
+                             ref['sqrt_sigma'])
+  # A published statistics file (mu/sigma only): FID and IS, no KID.
+  published = str(tmp_path / 'published.npz')
+  np.savez(published, mu=ref['mu'], sigma=ref['sigma'])
+  with mock.patch.object(sample_metrics, 'frechet_distance',
+                         return_value=1.5) as fid:
+    alt = sample_metrics.compute_sample_metrics(
+        config, str(tmp_path), mesh, params,
+        **dict(kwargs, reference=published))
+  assert alt['fid_vs'] == published and alt['kid_mean'] is None
+  assert alt['fid'] == 1.5 and fid.call_args.kwargs['sqrt_sigma1'] is None
+  np.testing.assert_array_equal(fid.call_args.args[0], ref['mu'])
+
+
+def test_matches_pytorch_fid(tmp_path):
+  """pytorch-fid's InceptionV3 vs ours, same random weights, same images.
+
+  Runs only where pytorch-fid (with torch and torchvision) is installed:
+  `pip install -r requirements-fid.txt`, in a venv of its own (see there).
+  """
+  pytest.importorskip('pytorch_fid')
+  import torch  # pylint: disable=g-import-not-at-top
+  import pytorch_fid.inception as pfi  # pylint: disable=g-import-not-at-top
+
+  # pytorch-fid fetches its weights from a URL: build the FID network once
+  # with loading disabled to get its state dict layout, randomise it, then
+  # build pytorch-fid's InceptionV3 wrapper with that dict as the "download".
+  with mock.patch.object(pfi, 'load_state_dict_from_url', return_value=None), \
+       mock.patch.object(torch.nn.Module, 'load_state_dict'):
+    template = pfi.fid_inception_v3()
+  gen = torch.Generator().manual_seed(0)
+  state = {}
+  for key, value in template.state_dict().items():
+    if key.endswith('num_batches_tracked'):
+      state[key] = value
+    elif key.endswith('running_var') or key.endswith('bn.weight'):
+      state[key] = 0.5 + torch.rand(value.shape, generator=gen)
+    elif key.endswith('.weight') and value.ndim > 1:
+      fan_in = value[0].numel()
+      state[key] = torch.randn(value.shape, generator=gen) * (2 / fan_in) ** .5
+    else:  # bn bias, running_mean, fc bias
+      state[key] = 0.1 * torch.randn(value.shape, generator=gen)
+  with mock.patch.object(pfi, 'load_state_dict_from_url', return_value=state):
+    reference = pfi.InceptionV3([3], resize_input=True, normalize_input=True,
+                                use_fid_inception=True).eval()
+  path = str(tmp_path / inception.FID_WEIGHTS_FILE)
+  torch.save(state, path)
+  ours = inception.load_pytorch_fid_weights(path)
+
+  rng = np.random.default_rng(7)
+  model = inception.FIDInceptionV3()
+  apply = jax.jit(model.apply)
+  for size in (32, 320):  # upsampling (samples) and downsampling to 299
+    images = rng.uniform(size=(2, size, size, 3)).astype(np.float32)
+    with torch.no_grad():
+      x = torch.from_numpy(images.transpose(0, 3, 1, 2))
+      pool_ref = reference(x)[0][:, :, 0, 0]
+      logits_ref = torch.nn.functional.linear(pool_ref, state['fc.weight'],
+                                              state['fc.bias']).numpy()
+    pool, logits = apply(ours.variables, images)
+    pool_diff = float(np.abs(np.asarray(pool) - pool_ref.numpy()).max())
+    logits_diff = float(np.abs(np.asarray(logits) - logits_ref).max())
+    print(f'input {size}x{size}: max |pool diff| {pool_diff:.2e} (pool '
+          f'max {float(pool_ref.abs().max()):.3g}), max |logits diff| '
+          f'{logits_diff:.2e} (logits max {np.abs(logits_ref).max():.3g})')
+    assert pool_diff < 1e-3 and logits_diff < 1e-3
+
+
+def test_eval_mode_reports_fid_is_kid_and_says_against_what(tmp_path):
+  """--mode=eval with config.fid.num_samples: the sample-quality block lands
+  in metrics.json next to bits/dim, naming the reference split."""
+  from diffusion_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from tests.test_likelihood import write_checkpoint  # pylint: disable=g-import-not-at-top
+  digits = input_pipeline.load_split(tiny_config().data, 'test').images
+  np.savez(tmp_path / 'data.npz', train_images=digits[24:48],
+           test_images=digits[:24])
+  config = tiny_config(**{
+      'data.source': 'npz', 'data.data_dir': str(tmp_path / 'data.npz'),
+      'fid.num_samples': 8, 'fid.resize_to': SMALL, 'fid.reference': 'eval'})
+  write_checkpoint(config, str(tmp_path), 2)
+  with pytest.warns(UserWarning):
+    metrics = evaluate.evaluate(config, str(tmp_path))
+  quality = metrics['sample_quality']
+  assert quality['fid_vs'] == 'test' and quality['num_samples'] == 8
+  assert quality['inception_weights'] == 'random'
+  assert np.isfinite(quality['fid']) and quality['fid'] > 0
+  with open(tmp_path / 'eval' / 'step_00000002' / 'metrics.json') as f:
+    assert json.load(f)['sample_quality']['fid'] == quality['fid']
