@@ -5,7 +5,10 @@ never touches Orbax directly. A checkpoint holds two items:
   state: the full `TrainState` (params, EMA params, optimizer state, step),
   data:  the input iterator's position (JSON).
 Saves are asynchronous; a save that did not finish is never listed as a step
-(Orbax commits a step by an atomic rename), so resume never picks it.
+(Orbax commits a step by an atomic rename of a `*.orbax-checkpoint-tmp*`
+directory, or a commit marker on gs://), so resume never picks it; the
+temporary directories a killed run leaves behind are deleted when the next
+run opens the directory.
 """
 
 import os
@@ -47,7 +50,9 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True,
-            enable_async_checkpointing=asynchronous),
+            enable_async_checkpointing=asynchronous,
+            # A SIGKILL during an async save leaves a tmp dir; drop it.
+            cleanup_tmp_directories=True),
         # Handlers up front so metadata can be read before any save/restore.
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'data': ocp.JsonCheckpointHandler()})

@@ -7,6 +7,7 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 import tqdm
 
 from diffusion_jax import checkpointing, parallel, visualization
@@ -61,8 +62,9 @@ def generate(config: ml_collections.ConfigDict, workdir: str, mesh=None,
     chunks.append(visualization.to_uint8(train.gather(images)))
   images = np.concatenate(chunks)[:num]
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    np.savez_compressed(os.path.join(out_dir, 'samples.npz'), images=images)
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)  # Local or gs://.
+    with (epath.Path(out_dir) / 'samples.npz').open('wb') as f:
+      np.savez_compressed(f, images=images)
     visualization.save_png(os.path.join(out_dir, 'samples.png'),
                            visualization.make_grid(images[:256]))
     logging.info('Wrote %d samples from step %d EMA params to %s', num, step,

@@ -68,7 +68,9 @@ def main(argv):
 
   logging.info('JAX %s, process %d/%d, devices: %s', jax.__version__,
                jax.process_index(), jax.process_count(), jax.devices())
-  config, workdir = FLAGS.config, os.path.abspath(FLAGS.workdir)
+  config, workdir = FLAGS.config, FLAGS.workdir
+  if '://' not in workdir:  # abspath would mangle gs://bucket/dir.
+    workdir = os.path.abspath(workdir)
   if FLAGS.mode == 'train':
     train.train_and_evaluate(config, workdir)
   elif FLAGS.mode == 'eval':

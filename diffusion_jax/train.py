@@ -3,12 +3,17 @@
 Data parallelism is `jax.jit` over a 1-D device mesh: the batch is sharded on
 the 'data' axis, the train state is replicated, XLA inserts the gradient
 all-reduce. The same code runs on 1 CPU, a TPU v3-8 or many hosts.
+
+Scale-out: SIGTERM (a preemption notice) makes every process save at the same
+step and return cleanly (`PreemptionGuard`); `config.steps_per_call` runs k
+steps per compiled call and `config.grad_accum_steps` splits each batch into
+micro-batches, both without changing the trained params. Work directories may
+be gs:// paths (etils.epath), never passed to os.path.abspath/os.makedirs.
 """
 
-import functools
-import json
-import math
 import os
+import signal
+import threading
 import time
 
 from absl import logging
@@ -17,6 +22,7 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
+from etils import epath
 import ml_collections
 import numpy as np
 import optax
@@ -31,6 +37,53 @@ from diffusion_jax.train_state import (TrainState, create_optimizer,
 
 class NonFiniteLossError(FloatingPointError):
   """Training diverged; the message names the step and the kept checkpoint."""
+
+
+class PreemptionGuard:
+  """Turns SIGTERM (the cloud's preemption notice) into a clean stop.
+
+  Multi-process runs (jax.distributed initialized) use JAX's preemption sync
+  point: the process that got SIGTERM tells the coordination service, which
+  picks one call id at which *every* process returns True, so all save the
+  same step (a checkpoint written by only some hosts would be unusable).
+  JAX's C++ notifier owns the SIGTERM handler there, so we install none.
+  A plain single-process run has no coordination service: a Python handler
+  sets a flag, and the previous handler is restored on exit.
+
+  `reached(call_id)` must be called after every compiled call with ids that
+  increase by one on every process (the sync protocol picks max id + 1).
+  """
+
+  def __init__(self):
+    self._flag = False
+    self._installed = False
+    self._previous = None
+    self._use_jax = False
+
+  def __enter__(self):
+    self._use_jax = (jax.distributed.is_initialized() and
+                     jax.config.jax_enable_preemption_service)
+    if not self._use_jax and (threading.current_thread() is
+                              threading.main_thread()):
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+      self._installed = True
+    return self
+
+  def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
+    self._flag = True  # Only a flag: logging from a handler can deadlock.
+
+  def reached(self, call_id: int) -> bool:
+    if self._use_jax:
+      return multihost_utils.reached_preemption_sync_point(call_id)
+    return self._flag
+
+  def __exit__(self, *exc):
+    if self._installed:
+      # None: the previous handler was not set from Python; use the default.
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None
+                    else self._previous)
+      self._installed = False
+    return False
 
 
 def check_config(config: ml_collections.ConfigDict, mesh) -> None:
@@ -52,9 +105,29 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
         f'config.data.image_size={size} cannot be halved {levels - 1} times '
         f'by the U-Net (config.model.ch_mult={tuple(config.model.ch_mult)}): '
         'use fewer levels or another image size')
-  for key in ('num_train_steps', 'log_every_steps', 'checkpoint_every_steps'):
+  for key in ('num_train_steps', 'log_every_steps', 'checkpoint_every_steps',
+              'steps_per_call', 'grad_accum_steps'):
     if config[key] <= 0:
       raise ValueError(f'config.{key} must be positive, got {config[key]}')
+  # The loop only sees the state between calls, so every boundary must fall
+  # on a call boundary.
+  k = config.steps_per_call
+  for key in ('num_train_steps', 'log_every_steps', 'checkpoint_every_steps',
+              'sample_every_steps'):
+    if config[key] % k:
+      raise ValueError(
+          f'config.{key}={config[key]} is not a multiple of '
+          f'config.steps_per_call={k}: the loop can only log, checkpoint or '
+          f'sample between calls of {k} steps. Set config.{key} to a multiple '
+          f'of {k} or lower config.steps_per_call.')
+  m = config.grad_accum_steps
+  per_device = config.batch_size // mesh.devices.size
+  if per_device % m:
+    raise ValueError(
+        f'config.grad_accum_steps={m} does not divide the per-device batch '
+        f'{per_device} (config.batch_size={config.batch_size} over '
+        f'{mesh.devices.size} devices): each device splits its own rows into '
+        f'{m} micro-batches. Use a divisor of {per_device}.')
   if not 0.0 <= config.optim.ema_decay < 1.0:
     raise ValueError('config.optim.ema_decay must be in [0, 1)')
 
@@ -86,22 +159,58 @@ def abstract_train_state(config, model, optimizer, mesh):
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
 
 
+def _micro_batches(x: jax.Array, m: int) -> jax.Array:
+  """(B, ...) -> (m, B/m, ...), micro-batch i = rows i, i+m, i+2m, ...
+
+  Strided, not contiguous: with B sharded over devices in contiguous blocks
+  of b = B/devices rows (b % m == 0), each device's micro-batch rows are its
+  own, so splitting moves no data between devices.
+  """
+  return jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
+
+
 def make_train_step(config, model, schedule, optimizer):
-  """(state, images) -> (state, metrics); pure, to be jitted."""
-  loss_fn = losses.get_loss_fn(config.diffusion.loss)
+  """(state, images) -> (state, metrics); pure, to be jitted.
+
+  With config.grad_accum_steps = m > 1 the batch is split into m
+  micro-batches (a lax.scan), their gradients averaged, then one optimizer
+  update. t and the noise are drawn for the whole batch first and sliced, so
+  with model.dropout = 0 the update equals the plain step's up to float
+  summation order. Dropout masks are drawn per micro-batch (key folded with
+  the micro-batch index): the same distribution, not the same masks.
+  """
+  loss_fn = losses.LOSSES_GIVEN_NOISE[config.diffusion.loss]
   lr_schedule = learning_rate_schedule(config.optim)
+  m = config.grad_accum_steps
 
   def train_step(state: TrainState, images: jax.Array):
     # RNG from (seed, step): a resumed run draws the same numbers.
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
     loss_rng, dropout_rng = jax.random.split(rng)
+    t, noise = losses.draw_t_and_noise(schedule, images, loss_rng)
 
-    def objective(params):
+    def objective(params, x, t, noise, dropout_rng):
       model_fn = lambda x, t: model.apply({'params': params}, x, t, train=True,
                                           rngs={'dropout': dropout_rng})
-      return loss_fn(model_fn, schedule, images, loss_rng)
+      return loss_fn(model_fn, schedule, x, t, noise)
 
-    loss, grads = jax.value_and_grad(objective)(state.params)
+    if m == 1:
+      loss, grads = jax.value_and_grad(objective)(
+          state.params, images, t, noise, dropout_rng)
+    else:
+      def accumulate(carry, xs):
+        i, x, t_i, noise_i = xs
+        loss_i, grads_i = jax.value_and_grad(objective)(
+            state.params, x, t_i, noise_i, jax.random.fold_in(dropout_rng, i))
+        return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
+
+      zeros = (jnp.zeros((), jnp.float32),
+               jax.tree.map(jnp.zeros_like, state.params))
+      (loss, grads), _ = jax.lax.scan(accumulate, zeros, (
+          jnp.arange(m), _micro_batches(images, m), _micro_batches(t, m),
+          _micro_batches(noise, m)))
+      # Equal-sized micro-batches: the mean of their means is the batch mean.
+      loss, grads = jax.tree.map(lambda g: g / m, (loss, grads))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(
@@ -114,8 +223,24 @@ def make_train_step(config, model, schedule, optimizer):
   return train_step
 
 
-def jit_train_step(train_step, mesh):
+def make_multi_step(train_step):
+  """(state, k batches) -> (state, metrics of each step, shape (k,)).
+
+  One lax.scan over the stacked batches, as score_sde does: one dispatch per
+  k steps. Metrics keep a leading k axis so logging and the NaN check still
+  see every step.
+  """
+  def multi_step(state: TrainState, batches: tuple[jax.Array, ...]):
+    return jax.lax.scan(train_step, state, jnp.stack(batches))
+
+  return multi_step
+
+
+def jit_train_step(train_step, mesh, steps_per_call: int = 1):
+  """Jits a step; with steps_per_call > 1 it takes a tuple of k batches."""
   repl = parallel.replicated(mesh)
+  if steps_per_call > 1:
+    train_step = make_multi_step(train_step)
   return jax.jit(train_step, in_shardings=(repl, parallel.batch_sharded(mesh)),
                  out_shardings=(repl, repl), donate_argnums=(0,))
 
@@ -156,16 +281,18 @@ def gather(x: jax.Array) -> np.ndarray:
 
 def write_config(config, workdir: str) -> None:
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    path = epath.Path(workdir)  # Local or gs://.
+    path.mkdir(parents=True, exist_ok=True)
+    (path / 'config.json').write_text(
+        config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def _flush_metrics(pending, first_step, writer, checkpointer, t_last, t_now):
   """Pulls per-step metrics to host, fails on NaN/inf, writes means."""
+  # Each entry holds one call's metrics: scalars, or (k,) with steps_per_call.
   host = jax.device_get(pending)
-  losses_ = np.array([m['loss'] for m in host])
-  grads = np.array([m['grad_norm'] for m in host])
+  cat = lambda key: np.concatenate([np.atleast_1d(m[key]) for m in host])
+  losses_, grads, lrs = cat('loss'), cat('grad_norm'), cat('learning_rate')
   bad = np.flatnonzero(~(np.isfinite(losses_) & np.isfinite(grads)))
   if bad.size:
     step = first_step + int(bad[0]) + 1
@@ -176,11 +303,11 @@ def _flush_metrics(pending, first_step, writer, checkpointer, t_last, t_now):
         f'{checkpointer.directory} is kept untouched; lower '
         'config.optim.learning_rate, raise config.optim.warmup_steps or check '
         'the data, then rerun to resume from it.')
-  last_step = first_step + len(host)
+  last_step = first_step + len(losses_)
   summary = {'loss': float(losses_.mean()), 'grad_norm': float(grads.mean()),
-             'learning_rate': float(host[-1]['learning_rate'])}
+             'learning_rate': float(lrs[-1])}
   if t_now > t_last:
-    summary['steps_per_sec'] = len(host) / (t_now - t_last)
+    summary['steps_per_sec'] = len(losses_) / (t_now - t_last)
   writer.write_scalars(last_step, summary)
   return summary
 
@@ -225,6 +352,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                    out_shardings=parallel.replicated(mesh))
     state = init(jax.random.key(config.seed))
   start_step = int(jax.device_get(state.step))
+  k = config.steps_per_call
+  if start_step % k:
+    raise ValueError(
+        f'resuming at step {start_step}, which is not a multiple of '
+        f'config.steps_per_call={k} (the run that wrote it used another '
+        'value): set config.steps_per_call to a divisor of '
+        f'{start_step} and of the intervals.')
 
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
@@ -242,7 +376,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         'num_devices': int(mesh.devices.size)})
 
   train_step = jit_train_step(
-      make_train_step(config, model, schedule, optimizer), mesh)
+      make_train_step(config, model, schedule, optimizer), mesh, k)
   sample_fn = x_T = None
   if config.sample_every_steps:
     sample_fn = make_sample_fn(config, model, schedule, mesh)
@@ -259,51 +393,75 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   t_last = time.perf_counter()
   eta_logged = False
   timing_start = None
-  try:
-    for step in range(start_step, num_steps):
-      state, metrics = train_step(state, next(train_iter))
-      pending.append(metrics)
-      done = step + 1
-      bar.update(1)
-      report(done)
-      if timing_start is None and done - start_step == 2:
-        jax.block_until_ready(state.step)  # first steps include compilation
-        timing_start = (done, time.perf_counter())
-      elif not eta_logged and timing_start and done - timing_start[0] == 10:
-        jax.block_until_ready(state.step)
-        sec = (time.perf_counter() - timing_start[1]) / 10
-        logging.info('Measured %.4f s/step (%.1f images/s): %d steps take '
-                     'about %s.', sec, config.batch_size / sec, num_steps,
-                     _hms(sec * (num_steps - start_step)))
-        eta_logged = True
-      is_last = done == num_steps
-      save_now = done % config.checkpoint_every_steps == 0 or is_last
-      if done % config.log_every_steps == 0 or save_now:
-        t_now = time.perf_counter()
-        summary = _flush_metrics(pending, first_pending, writer, checkpointer,
-                                 t_last, t_now)
-        if 'steps_per_sec' in summary:
-          writer.write_scalars(done, {'images_per_sec': summary['steps_per_sec']
-                                      * config.batch_size})
-        bar.set_postfix(loss=f"{summary['loss']:.4f}")
-        pending, first_pending, t_last = [], done, t_now
-      if save_now:
-        # The loss of the last step was computed before its update; check the
-        # updated params too so a diverged state is never written.
-        if not np.isfinite(float(optax.tree.norm(state.params))):
-          checkpointer.wait_until_finished()
-          raise NonFiniteLossError(
-              f'non-finite parameters after step {done}. The last good '
-              f'checkpoint (step {checkpointer.latest_step()}) is kept; lower '
-              'config.optim.learning_rate and rerun to resume from it.')
-        checkpointer.save(done, state, train_iter.get_state())
-      if sample_fn and (done % config.sample_every_steps == 0 or is_last):
-        _write_samples(config, workdir, writer, done, sample_fn,
-                       state.ema_params, x_T)
-  finally:
-    bar.close()
-    checkpointer.wait_until_finished()
-    writer.flush()
+  preempted = False
+  with PreemptionGuard() as guard:
+    try:
+      for done in range(start_step + k, num_steps + 1, k):
+        batch = next(train_iter) if k == 1 else tuple(
+            next(train_iter) for _ in range(k))
+        state, metrics = train_step(state, batch)
+        pending.append(metrics)
+        bar.update(k)
+        for s in range(done - k + 1, done + 1):
+          report(s)  # It insists on being called at every step.
+        calls = (done - start_step) // k
+        if timing_start is None and calls == 2:
+          jax.block_until_ready(state.step)  # first calls include compilation
+          timing_start = (done, time.perf_counter())
+        elif (not eta_logged and timing_start and
+              done - timing_start[0] >= max(10, k)):
+          jax.block_until_ready(state.step)
+          sec = (time.perf_counter() - timing_start[1]) / (done - timing_start[0])
+          logging.info('Measured %.4f s/step (%.1f images/s): %d steps take '
+                       'about %s.', sec, config.batch_size / sec, num_steps,
+                       _hms(sec * (num_steps - start_step)))
+          eta_logged = True
+        is_last = done == num_steps
+        # Every process asks at every call with the same id (done // k).
+        preempted = guard.reached(done // k) and not is_last
+        save_now = (done % config.checkpoint_every_steps == 0 or is_last or
+                    preempted)
+        if done % config.log_every_steps == 0 or save_now:
+          t_now = time.perf_counter()
+          summary = _flush_metrics(pending, first_pending, writer,
+                                   checkpointer, t_last, t_now)
+          if 'steps_per_sec' in summary:
+            writer.write_scalars(done, {'images_per_sec':
+                                        summary['steps_per_sec'] *
+                                        config.batch_size})
+          bar.set_postfix(loss=f"{summary['loss']:.4f}")
+          pending, first_pending, t_last = [], done, t_now
+        if save_now:
+          # The loss of the last step was computed before its update; check
+          # the updated params too so a diverged state is never written.
+          if not np.isfinite(float(optax.tree.norm(state.params))):
+            checkpointer.wait_until_finished()
+            raise NonFiniteLossError(
+                f'non-finite parameters after step {done}. The last good '
+                f'checkpoint (step {checkpointer.latest_step()}) is kept; '
+                'lower config.optim.learning_rate and rerun to resume from '
+                'it.')
+          checkpointer.save(done, state, train_iter.get_state())
+        if preempted:
+          break
+        if sample_fn and (done % config.sample_every_steps == 0 or is_last):
+          _write_samples(config, workdir, writer, done, sample_fn,
+                         state.ema_params, x_T)
+    finally:
+      # Join the prefetch thread: a daemon thread still inside XLA when the
+      # interpreter exits aborts the process (exit code 134, not 0).
+      train_iter.close()
+      bar.close()
+      checkpointer.wait_until_finished()
+      writer.flush()
+  if preempted:
+    step = int(jax.device_get(state.step))
+    logging.warning(
+        'Preempted (SIGTERM) at step %d of %d: saved checkpoint step %d in '
+        '%s. Re-run the same command to resume from it.', step, num_steps,
+        step, checkpointer.directory)
+    checkpointer.close()
+    return state
   logging.info('Finished at step %d. Checkpoints: %s; samples: %s; '
                'TensorBoard logs: %s', int(jax.device_get(state.step)),
                checkpointer.directory, os.path.join(workdir, 'samples'),

@@ -1,8 +1,8 @@
 """Image grids: [-1, 1] floats to uint8, tiled, written as PNG."""
 
 import math
-import os
 
+from etils import epath
 import numpy as np
 from PIL import Image
 
@@ -34,6 +34,9 @@ def save_png(path: str, grid: np.ndarray, min_size: int = 256) -> str:
   scale = max(1, math.ceil(min_size / max(grid.shape[:2])))
   if scale > 1:
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
-  return path
+  path = epath.Path(path)  # Local or gs:// (a workdir on a TPU pod).
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('wb') as f:
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(
+        f, format='PNG')
+  return str(path)
