@@ -92,6 +92,9 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   if config.sample_every_steps:
     parallel.check_batch_size(config.num_sample_images, mesh,
                               'config.num_sample_images')
+  if config.fid.every_steps:
+    parallel.check_batch_size(config.sample.batch_size, mesh,
+                              'config.sample.batch_size')
   if config.diffusion.sampler_variance not in samplers.VARIANCES:
     raise ValueError(f'config.diffusion.sampler_variance must be one of '
                      f'{samplers.VARIANCES}, got '
@@ -323,6 +326,24 @@ def _write_samples(config, workdir, writer, step, sample_fn, params, x_T):
   writer.write_images(step, {'ema_samples': grid[None]})
 
 
+def _write_sample_quality(config, workdir, writer, step, mesh, ema_params,
+                          inception_params):
+  """Periodic FID / IS / KID of EMA samples (config.fid) to TensorBoard."""
+  from diffusion_jax import sample_metrics  # pylint: disable=g-import-not-at-top
+  quality = sample_metrics.compute_sample_metrics(
+      config, workdir, mesh, ema_params,
+      num_samples=config.fid.train_num_samples,
+      inception_params=inception_params, reference=config.fid.reference,
+      resize_to=config.fid.resize_to, cache_dir=config.fid.cache_dir or None)
+  writer.write_scalars(step, {f'sample_quality/{k}': quality[k]
+                              for k in ('fid', 'is_mean', 'kid_mean')
+                              if quality.get(k) is not None})
+  logging.info('Step %d: FID %.3f vs %s statistics over %d EMA samples%s',
+               step, quality['fid'], quality['fid_vs'], quality['num_samples'],
+               '' if quality['comparable_to_published'] else
+               ' (not comparable to published numbers)')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        mesh=None) -> TrainState:
   """Trains (resuming from workdir if it holds a checkpoint); returns state."""
@@ -381,6 +402,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if config.sample_every_steps:
     sample_fn = make_sample_fn(config, model, schedule, mesh)
     x_T = sample_noise(config, config.num_sample_images, 1, mesh)
+
+  inception_params = None
+  if config.fid.every_steps:
+    # sample_metrics builds on this module (sampling); imported lazily.
+    from diffusion_jax import sample_metrics  # pylint: disable=g-import-not-at-top
+    inception_params = sample_metrics.load_inception(config.fid.weights_path)
 
   num_steps = config.num_train_steps
   report = periodic_actions.ReportProgress(num_train_steps=num_steps,
@@ -447,6 +474,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if sample_fn and (done % config.sample_every_steps == 0 or is_last):
           _write_samples(config, workdir, writer, done, sample_fn,
                          state.ema_params, x_T)
+        if inception_params and (done % config.fid.every_steps == 0
+                                 or is_last):
+          _write_sample_quality(config, workdir, writer, done, mesh,
+                                state.ema_params, inception_params)
     finally:
       # Join the prefetch thread: a daemon thread still inside XLA when the
       # interpreter exits aborts the process (exit code 134, not 0).
