@@ -16,11 +16,11 @@ device count.
 
 import json
 import math
-import os
 import time
 
 from absl import logging
 from clu import metric_writers
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -130,13 +130,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=None,
       sampler_variance=config.diffusion.sampler_variance,
       clip_denoised=bool(config.diffusion.clip_denoised),
       batch_size=batch_size, num_devices=int(mesh.devices.size))
-  out_dir = os.path.join(workdir, 'eval', f'step_{step:08d}')
+  # epath: the workdir may be a gs:// bucket on a TPU pod.
+  out_dir = epath.Path(workdir) / 'eval' / f'step_{step:08d}'
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
-      json.dump(metrics, f, indent=1)
-    plot_curves(metrics, os.path.join(out_dir, 'curve.png'))
-    writer = metric_writers.create_default_writer(os.path.join(workdir, 'eval'))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / 'metrics.json').write_text(json.dumps(metrics, indent=1))
+    plot_curves(metrics, out_dir / 'curve.png')
+    writer = metric_writers.create_default_writer(str(epath.Path(workdir) / 'eval'))
     scalars = {f'eval/{k}': metrics[k] for k in (
         'total_bpd', 'prior_bpd', 'kl_terms_bpd', 'decoder_bpd')}
     quality = metrics.get('sample_quality') or {}
@@ -240,6 +240,8 @@ def plot_curves(metrics: dict, path: str) -> str:
   out = Image.new('RGB', (_W * len(panels), _H), 'white')
   for k, p in enumerate(panels):
     out.paste(p, (k * _W, 0))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  out.save(path)
-  return path
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('wb') as f:
+    out.save(f, format='PNG')
+  return str(path)
