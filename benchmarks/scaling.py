@@ -80,8 +80,8 @@ def bench_mesh(config, devices, steps):
   mesh = parallel.create_mesh(devices)
   model, schedule = train.create_model_and_schedule(config)
   optimizer = train_state.create_optimizer(config.optim)
-  state = jax.jit(train.init_fn(config, model, optimizer),
-                  out_shardings=parallel.replicated(mesh))(jax.random.key(0))
+  state = train.init_train_state(config, model, optimizer, mesh,
+                                 jax.random.key(0))
   param_bytes = sum(x.size * x.dtype.itemsize
                     for x in jax.tree.leaves(state.params))
   step = train.jit_train_step(

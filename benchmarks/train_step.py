@@ -45,8 +45,8 @@ def main(_):
   b = FLAGS.batch_size
   model, schedule = train.create_model_and_schedule(config)
   optimizer = train_state.create_optimizer(config.optim)
-  state = jax.jit(train.init_fn(config, model, optimizer),
-                  out_shardings=parallel.replicated(mesh))(jax.random.key(0))
+  state = train.init_train_state(config, model, optimizer, mesh,
+                                 jax.random.key(0))
   step = train.jit_train_step(
       train.make_train_step(config, model, schedule, optimizer), mesh)
   images = jax.device_put(

@@ -154,6 +154,13 @@ def init_fn(config, model, optimizer):
   return init
 
 
+def init_train_state(config, model, optimizer, mesh, rng) -> TrainState:
+  """A fresh train state, replicated over the mesh."""
+  init = jax.jit(init_fn(config, model, optimizer),
+                 out_shardings=parallel.replicated(mesh))
+  return init(rng)
+
+
 def abstract_train_state(config, model, optimizer, mesh):
   """Shapes, dtypes and (replicated) shardings of the state, no compute."""
   shapes = jax.eval_shape(init_fn(config, model, optimizer), jax.random.key(0))
@@ -369,9 +376,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     train_iter.set_state(data_state)
     logging.info('Resumed from %s step %d', checkpointer.directory, latest)
   else:
-    init = jax.jit(init_fn(config, model, optimizer),
-                   out_shardings=parallel.replicated(mesh))
-    state = init(jax.random.key(config.seed))
+    state = init_train_state(config, model, optimizer, mesh,
+                             jax.random.key(config.seed))
   start_step = int(jax.device_get(state.step))
   k = config.steps_per_call
   if start_step % k:

@@ -29,8 +29,8 @@ def _run(config, mesh, num_steps=4):
       np.float32), parallel.batch_sharded(mesh)) for _ in range(num_steps)]
   model, schedule = train.create_model_and_schedule(config)
   optimizer = train_state.create_optimizer(config.optim)
-  state = jax.jit(train.init_fn(config, model, optimizer),
-                  out_shardings=parallel.replicated(mesh))(jax.random.key(0))
+  state = train.init_train_state(config, model, optimizer, mesh,
+                                 jax.random.key(0))
   init = jax.device_get(state)
   k = config.steps_per_call
   step = train.jit_train_step(
