@@ -72,6 +72,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample = sample = ml_collections.ConfigDict()
   sample.num_images = 64
   sample.batch_size = 64  # global; split over all devices.
+  # Sampler for --mode=sample and the grids during training:
+  # 'ddpm' (ancestral; respaced when 0 < num_steps < T) or 'ddim'.
+  sample.sampler = 'ddpm'
+  sample.num_steps = 0  # 0: all T steps
+  sample.ddim_eta = 0.0  # DDIM only: 0 deterministic, 1 ~ DDPM (beta~)
   # 0-based timesteps at which to save x0 predictions of the first batch as
   # progressive.png (DDPM sec. 4.3), e.g. (999, 750, 500, 250, 100, 0).
   sample.progressive_timesteps = ()

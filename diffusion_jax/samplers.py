@@ -84,3 +84,120 @@ def ddpm_sample(model_fn: ModelFn, schedule: schedules.Schedule,
   saved = jnp.zeros((len(x0_at) + 1, *x_T.shape), x_T.dtype) if x0_at else None
   (x0, saved), _ = jax.lax.scan(step, (x_T, saved), timesteps)
   return (x0, saved[:-1]) if x0_at else x0
+
+
+def spaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+  """`num_steps` 0-based timesteps evenly spread over [0, T-1], descending
+  (the respacing of Nichol & Dhariwal 2021, sec. 4; 0 or T: every step)."""
+  if num_steps <= 0 or num_steps >= num_timesteps:
+    return np.arange(num_timesteps - 1, -1, -1)
+  if num_steps == 1:
+    return np.array([num_timesteps - 1])
+  steps = np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(int)
+  return np.unique(steps)[::-1]
+
+
+def respace(schedule: schedules.Schedule, timesteps: Sequence[int]):
+  """A schedule over a subsequence of timesteps (improved DDPM, sec. 4):
+  beta'_i = 1 - abar_{t_i} / abar_{t_{i-1}} keeps abar at the kept steps.
+
+  Returns (schedule', t_map): step i of schedule' is original step t_map[i],
+  so a model trained on T steps is called with t_map[i].
+  """
+  kept = np.sort(np.asarray(timesteps, np.int64))
+  abar = np.asarray(schedule.alphas_cumprod, np.float64)[kept]
+  betas = 1.0 - abar / np.append(1.0, abar[:-1])
+  return schedules.Schedule.from_betas(betas), jnp.asarray(kept, jnp.int32)
+
+
+def sample(model_fn: ModelFn, schedule: schedules.Schedule, x_T: jax.Array,
+           rng: jax.Array, *, sampler: str = 'ddpm', num_steps: int = 0,
+           variance: str = 'beta', clip_denoised: bool = True,
+           eta: float = 0.0, x0_at: Sequence[int] = ()):
+  """The sampler chosen by config.sample: 'ddpm' (ancestral, respaced to
+  num_steps when 0 < num_steps < T) or 'ddim' (with eta)."""
+  steps = spaced_timesteps(schedule.num_timesteps, num_steps)
+  if sampler == 'ddim':
+    if x0_at:
+      raise ValueError('progressive_timesteps need sampler=ddpm')
+    return ddim_sample(model_fn, schedule, x_T, rng, timesteps=steps, eta=eta,
+                       clip_denoised=clip_denoised)
+  if sampler != 'ddpm':
+    raise ValueError(f"unknown sampler {sampler!r}: set config.sample.sampler "
+                     f"to one of {SAMPLERS}")
+  if len(steps) == schedule.num_timesteps:
+    return ddpm_sample(model_fn, schedule, x_T, rng, variance=variance,
+                       clip_denoised=clip_denoised, x0_at=x0_at)
+  if x0_at:
+    raise ValueError('progressive_timesteps need all timesteps '
+                     '(config.sample.num_steps=0)')
+  spaced, t_map = respace(schedule, steps)
+  return ddpm_sample(lambda x, i: model_fn(x, t_map[i]), spaced, x_T, rng,
+                     variance=variance, clip_denoised=clip_denoised)
+
+
+SAMPLERS = ('ddpm', 'ddim')
+
+
+def ddim_sample(model_fn: ModelFn, schedule: schedules.Schedule,
+                x_T: jax.Array, rng: jax.Array, *,
+                timesteps: Sequence[int] | None = None, eta: float = 0.0,
+                clip_denoised: bool = True) -> jax.Array:
+  """DDIM (Song et al. 2021, eq. 12) over descending 0-based `timesteps`.
+
+  From t to the next s < t (s = -1 after the last, abar_{-1} = 1):
+    x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t),
+    sigma  = eta sqrt((1 - abar_s)/(1 - abar_t)) sqrt(1 - abar_t/abar_s),
+    x_s    = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z.
+  eta = 0 is deterministic (an ODE discretisation); eta = 1 over all T steps
+  is DDPM ancestral sampling with sigma^2 = beta~. With clipping, eps_hat is
+  recomputed from the clipped x0_hat so the two stay consistent.
+  Noise for step t comes from fold_in(rng, t), as in ddpm_sample.
+  """
+  timesteps = np.asarray(spaced_timesteps(schedule.num_timesteps, 0)
+                         if timesteps is None else timesteps, np.int32)
+  if timesteps.ndim != 1 or np.any(np.diff(timesteps) >= 0):
+    raise ValueError('DDIM timesteps must be strictly decreasing')
+  next_t = np.append(timesteps[1:], -1).astype(np.int32)
+  abar = schedule.alphas_cumprod
+
+  def step(x, ts):
+    t_index, s_index = ts
+    t = jnp.full((x.shape[0],), t_index, dtype=jnp.int32)
+    eps = model_fn(x, t)
+    ab_t = abar[t_index]
+    ab_s = jnp.where(s_index >= 0, abar[jnp.maximum(s_index, 0)], 1.0)
+    x0 = (x - jnp.sqrt(1 - ab_t) * eps) / jnp.sqrt(ab_t)
+    if clip_denoised:
+      x0 = jnp.clip(x0, -1.0, 1.0)
+      eps = (x - jnp.sqrt(ab_t) * x0) / jnp.sqrt(1 - ab_t)
+    sigma = eta * jnp.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
+    z = jax.random.normal(jax.random.fold_in(rng, t_index), x.shape, x.dtype)
+    x_s = (jnp.sqrt(ab_s) * x0 + jnp.sqrt(jnp.maximum(1 - ab_s - sigma ** 2, 0))
+           * eps + sigma * z)
+    return x_s, None
+
+  x0, _ = jax.lax.scan(step, x_T, (jnp.asarray(timesteps), jnp.asarray(next_t)))
+  return x0
+
+
+def ddim_invert(model_fn: ModelFn, schedule: schedules.Schedule,
+                x0: jax.Array, *, timesteps: Sequence[int]) -> jax.Array:
+  """The deterministic (eta = 0) DDIM map run forwards: x_0 -> x_T, the
+  inverse of ddim_sample(eta=0, clip_denoised=False) up to discretisation."""
+  ascending = np.asarray(timesteps, np.int32)[::-1]
+  prev_t = np.append(-1, ascending[:-1]).astype(np.int32)
+  abar = schedule.alphas_cumprod
+
+  def step(x, ts):
+    s_index, t_index = ts  # from s (lower noise) up to t
+    ab_s = jnp.where(s_index >= 0, abar[jnp.maximum(s_index, 0)], 1.0)
+    ab_t = abar[t_index]
+    # eps is evaluated at the current point, the standard DDIM inversion.
+    eps = model_fn(x, jnp.full((x.shape[0],), jnp.maximum(s_index, 0),
+                               dtype=jnp.int32))
+    x0 = (x - jnp.sqrt(1 - ab_s) * eps) / jnp.sqrt(ab_s)
+    return jnp.sqrt(ab_t) * x0 + jnp.sqrt(1 - ab_t) * eps, None
+
+  x_T, _ = jax.lax.scan(step, x0, (jnp.asarray(prev_t), jnp.asarray(ascending)))
+  return x_T

@@ -130,3 +130,34 @@ def predict_x0_from_eps(schedule: Schedule, x_t: jax.Array, t: jax.Array,
   """Invert eq. 4: x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
   return (_at(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t
           - _at(schedule.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
+
+
+# Conversions between what a network may predict, at (x_t, t) with
+# x_t = a x0 + b eps, a = sqrt(abar_t), b = sqrt(1 - abar_t):
+#   v = a eps - b x0 (Salimans & Ho 2022), score = -eps / b;
+# x0 from eps is predict_x0_from_eps above.
+def eps_from_x0(schedule, x_t, t, x0):
+  return ((x_t - _at(schedule.sqrt_alphas_cumprod, t, x_t) * x0)
+          / _at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t))
+
+
+def v_from_eps_x0(schedule, x_t, t, eps, x0):
+  return (_at(schedule.sqrt_alphas_cumprod, t, x_t) * eps
+          - _at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * x0)
+
+
+def eps_from_v(schedule, x_t, t, v):
+  """eps = a v + b x_t (since a^2 + b^2 = 1)."""
+  return (_at(schedule.sqrt_alphas_cumprod, t, x_t) * v
+          + _at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t)
+
+
+def x0_from_v(schedule, x_t, t, v):
+  """x0 = a x_t - b v."""
+  return (_at(schedule.sqrt_alphas_cumprod, t, x_t) * x_t
+          - _at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * v)
+
+
+def score_from_eps(schedule, x_t, t, eps):
+  """grad_x log q(x_t) estimate: -eps / sqrt(1 - abar_t)."""
+  return -eps / _at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)

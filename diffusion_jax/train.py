@@ -95,6 +95,9 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   if config.fid.every_steps:
     parallel.check_batch_size(config.sample.batch_size, mesh,
                               'config.sample.batch_size')
+  if config.sample.sampler not in samplers.SAMPLERS:
+    raise ValueError(f'config.sample.sampler must be one of '
+                     f'{samplers.SAMPLERS}, got {config.sample.sampler!r}')
   if config.diffusion.sampler_variance not in samplers.VARIANCES:
     raise ValueError(f'config.diffusion.sampler_variance must be one of '
                      f'{samplers.VARIANCES}, got '
@@ -263,8 +266,9 @@ def make_sample_fn(config, model, schedule, mesh, x0_at=()):
   """
   def sample(params, x_T, rng):
     model_fn = lambda x, t: model.apply({'params': params}, x, t, train=False)
-    return samplers.ddpm_sample(
-        model_fn, schedule, x_T, rng,
+    return samplers.sample(
+        model_fn, schedule, x_T, rng, sampler=config.sample.sampler,
+        num_steps=config.sample.num_steps, eta=config.sample.ddim_eta,
         variance=config.diffusion.sampler_variance,
         clip_denoised=config.diffusion.clip_denoised, x0_at=x0_at)
   batch = parallel.batch_sharded(mesh)
