@@ -32,7 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.beta_schedule = 'linear'
   diffusion.beta_start = 1e-4
   diffusion.beta_end = 0.02
-  diffusion.loss = 'eps_mse'  # L_simple (Ho et al. 2020, eq. 14).
+  # L_simple (Ho et al. 2020, eq. 14) predicting eps; 'x0_mse' and 'v_mse'
+  # train the network to predict x0 or v instead (samplers convert).
+  diffusion.loss = 'eps_mse'
   diffusion.sampler_variance = 'beta'  # sigma_t^2: 'beta' or 'beta_tilde'.
   diffusion.clip_denoised = True  # clip x0_hat to [-1, 1] while sampling.
 

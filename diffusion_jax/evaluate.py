@@ -28,7 +28,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 import tqdm
 
-from diffusion_jax import generate, input_pipeline, likelihood, parallel
+from diffusion_jax import generate, input_pipeline, likelihood, losses
+from diffusion_jax import parallel
 from diffusion_jax import sample_metrics, samplers, train
 
 # Keeps the eval noise apart from the training (fold 0/1) and sampling
@@ -42,7 +43,9 @@ def make_eval_step(config, model, schedule, mesh):
   clip = config.diffusion.clip_denoised
 
   def step(params, images, mask, rng):
-    model_fn = lambda x, t: model.apply({'params': params}, x, t, train=False)
+    model_fn = losses.eps_model(
+        lambda x, t: model.apply({'params': params}, x, t, train=False),
+        schedule, config.diffusion.loss)
     out = likelihood.vlb_terms(model_fn, schedule, images, rng,
                                variance=variance, clip_denoised=clip)
     weighted = lambda v: jnp.sum(mask.reshape((-1,) + (1,) * (v.ndim - 1)) * v,

@@ -265,7 +265,9 @@ def make_sample_fn(config, model, schedule, mesh, x0_at=()):
   steps), the predictions shaped (len(x0_at), batch, H, W, C).
   """
   def sample(params, x_T, rng):
-    model_fn = lambda x, t: model.apply({'params': params}, x, t, train=False)
+    model_fn = losses.eps_model(
+        lambda x, t: model.apply({'params': params}, x, t, train=False),
+        schedule, config.diffusion.loss)
     return samplers.sample(
         model_fn, schedule, x_T, rng, sampler=config.sample.sampler,
         num_steps=config.sample.num_steps, eta=config.sample.ddim_eta,
