@@ -95,10 +95,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=None,
   mesh = parallel.create_mesh() if mesh is None else mesh
   batch_size = config.sample.batch_size
   parallel.check_batch_size(batch_size, mesh, 'config.sample.batch_size')
-  if config.diffusion.sampler_variance not in samplers.VARIANCES:
-    raise ValueError(f'config.diffusion.sampler_variance must be one of '
-                     f'{samplers.VARIANCES}, got '
-                     f'{config.diffusion.sampler_variance!r}')
+  samplers.check_variance(config.diffusion.sampler_variance)
   params, step = generate.load_ema_params(config, workdir, mesh, step)
   model, schedule = train.create_model_and_schedule(config)
   eval_step = make_eval_step(config, model, schedule, mesh)

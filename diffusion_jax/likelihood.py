@@ -168,10 +168,7 @@ def vlb_terms(model_fn: ModelFn, schedule: schedules.Schedule, x0: jax.Array,
     x0_mse (B, T): mean squared error of x0_hat(x_t) at index i, on the
       [-1, 1] scale: the distortion of the progressive-coding view (sec. 4.3).
   """
-  if variance not in samplers.VARIANCES:
-    raise ValueError(f'unknown sampler variance {variance!r}: set '
-                     f'config.diffusion.sampler_variance to one of '
-                     f'{samplers.VARIANCES}')
+  samplers.check_variance(variance)
   batch = x0.shape[0]
 
   def term(_, t_index):

@@ -16,6 +16,14 @@ from diffusion_jax.losses import ModelFn
 VARIANCES = ('beta', 'beta_tilde')
 
 
+def check_variance(variance: str) -> None:
+  """The one check of config.diffusion.sampler_variance (callers run it
+  early, before loading or compiling anything)."""
+  if variance not in VARIANCES:
+    raise ValueError(f'unknown sampler variance {variance!r}: set '
+                     f'config.diffusion.sampler_variance to one of {VARIANCES}')
+
+
 def p_mean_variance(model_fn: ModelFn, schedule: schedules.Schedule,
                     x_t: jax.Array, t: jax.Array, *, variance: str = 'beta',
                     clip_denoised: bool = True):
@@ -37,11 +45,9 @@ def p_mean_variance(model_fn: ModelFn, schedule: schedules.Schedule,
     log_betas = jnp.log(schedule.betas).at[0].set(
         schedule.posterior_log_variance_clipped[0])
     log_var = schedules._at(log_betas, t, x_t)  # pylint: disable=protected-access
-  elif variance == 'beta_tilde':
-    log_var = log_var_tilde
   else:
-    raise ValueError(f'unknown sampler variance {variance!r}: set '
-                     f'config.diffusion.sampler_variance to one of {VARIANCES}')
+    check_variance(variance)
+    log_var = log_var_tilde
   return mean, log_var, x0
 
 
@@ -55,9 +61,7 @@ def ddpm_sample(model_fn: ModelFn, schedule: schedules.Schedule,
   the predictions x0_hat(x_t) at those steps, shape (len(x0_at), *x_T.shape),
   in the order given (the paper's progressive-generation figure, sec. 4.3).
   """
-  if variance not in VARIANCES:
-    raise ValueError(f'unknown sampler variance {variance!r}: set '
-                     f'config.diffusion.sampler_variance to one of {VARIANCES}')
+  check_variance(variance)
   num_t = schedule.num_timesteps
   x0_at = tuple(int(t) for t in x0_at)
   if any(not 0 <= t < num_t for t in x0_at):

@@ -98,10 +98,7 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   if config.sample.sampler not in samplers.SAMPLERS:
     raise ValueError(f'config.sample.sampler must be one of '
                      f'{samplers.SAMPLERS}, got {config.sample.sampler!r}')
-  if config.diffusion.sampler_variance not in samplers.VARIANCES:
-    raise ValueError(f'config.diffusion.sampler_variance must be one of '
-                     f'{samplers.VARIANCES}, got '
-                     f'{config.diffusion.sampler_variance!r}')
+  samplers.check_variance(config.diffusion.sampler_variance)
   losses.get_loss_fn(config.diffusion.loss)
   schedules.get_betas(config.diffusion.beta_schedule, 2, beta_start=1e-4,
                       beta_end=0.02)
