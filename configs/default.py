@@ -49,6 +49,13 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_groups = 8
   model.temb_dim = 128  # 4 * ch, as in the paper.
   model.dtype = 'float32'  # compute dtype; params stay float32.
+  # Class conditioning: 0 = unconditional; K > 0 embeds labels 0..K-1 (the
+  # data source must provide labels) plus a null class K.
+  model.num_classes = 0
+  # Training replaces a label by the null class with this probability, so
+  # one network is both conditional and unconditional (classifier-free
+  # guidance, Ho & Salimans 2022: 0.1-0.2).
+  model.label_dropout = 0.1
 
   # Optimisation (diffusion_jax/train_state.py).
   config.optim = optim = ml_collections.ConfigDict()

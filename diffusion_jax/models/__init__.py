@@ -22,6 +22,10 @@ def create_model(model_config: ml_collections.ConfigDict, out_channels: int):
           f'channel count {c} is not divisible by num_groups='
           f'{model_config.num_groups}: change config.model.ch, ch_mult or '
           'num_groups')
+  if model_config.num_classes < 0:
+    raise ValueError('config.model.num_classes must be >= 0 (0: unconditional)')
+  if not 0.0 <= model_config.label_dropout < 1.0:
+    raise ValueError('config.model.label_dropout must be in [0, 1)')
   return UNet(
       out_channels=out_channels,
       ch=model_config.ch,
@@ -31,4 +35,5 @@ def create_model(model_config: ml_collections.ConfigDict, out_channels: int):
       dropout=model_config.dropout,
       num_groups=model_config.num_groups,
       temb_dim=model_config.temb_dim,
-      dtype=_DTYPES[model_config.dtype])
+      dtype=_DTYPES[model_config.dtype],
+      num_classes=model_config.num_classes)

@@ -128,6 +128,10 @@ class UNet(nn.Module):
     num_groups: GroupNorm groups.
     temb_dim: width of the time-embedding MLP (4 * ch in the paper).
     dtype: compute dtype (parameters stay float32).
+    num_classes: 0 for an unconditional model; otherwise class labels
+      0..num_classes-1 are embedded and added to the time embedding, and
+      label num_classes is the learned null class of classifier-free
+      guidance (Ho & Salimans 2022), used when no label is given.
   """
   out_channels: int
   ch: int = 128
@@ -138,10 +142,13 @@ class UNet(nn.Module):
   num_groups: int = 32
   temb_dim: int = 512
   dtype: jnp.dtype = jnp.float32
+  num_classes: int = 0
 
   @nn.compact
-  def __call__(self, x, t, *, train: bool):
-    """x: (B, H, W, C) images, t: (B,) timesteps; returns (B, H, W, out)."""
+  def __call__(self, x, t, y=None, *, train: bool):
+    """x: (B, H, W, C) images, t: (B,) timesteps (integer or fractional),
+    y: (B,) int class labels or None (the null class); returns
+    (B, H, W, out_channels)."""
     if x.shape[1] != x.shape[2]:
       raise ValueError(f'UNet expects square images, got {x.shape[1:3]}')
     if x.shape[1] % 2 ** (len(self.ch_mult) - 1):
@@ -158,6 +165,16 @@ class UNet(nn.Module):
                     name='time_embedding_linear_1')(temb)
     temb = nn.Dense(self.temb_dim, dtype=self.dtype, kernel_init=_default_init,
                     name='time_embedding_linear_2')(nn.swish(temb))
+    if self.num_classes:
+      # As diffusers' class_embedding: added to the time embedding, so the
+      # label reaches every ResNet block through the same projection.
+      if y is None:
+        y = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
+      temb += nn.Embed(self.num_classes + 1, self.temb_dim, dtype=self.dtype,
+                       name='class_embedding')(y)
+    elif y is not None:
+      raise ValueError('class labels given to an unconditional U-Net: set '
+                       'config.model.num_classes to the number of classes')
 
     h = nn.Conv(self.ch, (3, 3), padding='SAME', dtype=self.dtype,
                 kernel_init=_default_init, name='conv_in')(x.astype(self.dtype))
