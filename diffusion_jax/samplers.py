@@ -4,16 +4,32 @@ Each sampler takes the starting noise x_T explicitly, so a fixed x_T and rng
 give the same images on any device layout.
 """
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import schedules
-from diffusion_jax.losses import ModelFn
 
-VARIANCES = ('beta', 'beta_tilde')
+# model_fn(x_t, t) -> the network's output: eps (C channels), or eps and the
+# variance interpolation v (2C channels) for a learned variance.
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+# sigma_t^2 of p(x_{t-1} | x_t): fixed beta_t or beta~_t, or the network's
+# learned interpolation between them (improved DDPM).
+VARIANCES = ('beta', 'beta_tilde', 'learned')
+
+
+def split_output(out: jax.Array, channels: int
+                 ) -> tuple[jax.Array, Optional[jax.Array]]:
+  """(eps, v) from a 2C-channel output, (eps, None) from a C-channel one."""
+  if out.shape[-1] == channels:
+    return out, None
+  if out.shape[-1] != 2 * channels:
+    raise ValueError(f'model output has {out.shape[-1]} channels; expected '
+                     f'{channels} (eps) or {2 * channels} (eps and variance)')
+  return out[..., :channels], out[..., channels:]
 
 
 def check_variance(variance: str) -> None:
@@ -34,9 +50,12 @@ def p_mean_variance(model_fn: ModelFn, schedule: schedules.Schedule,
   (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t). With clipping
   x0_hat is kept in [-1, 1], as the DDPM code samples.
   sigma_t^2 is beta_t ('beta', 'fixedlarge'; its first entry is beta~_1 as
-  in the DDPM code, since beta~_0 = 0) or beta~_t ('beta_tilde').
+  in the DDPM code, since beta~_0 = 0) or beta~_t ('beta_tilde'), or learned
+  ('learned', improved DDPM eq. 15): log sigma_t^2 = f log beta_t +
+  (1 - f) log beta~_t with f = (v + 1) / 2 from the network's extra channels
+  v in [-1, 1] (log beta~ clipped at the first step as above).
   """
-  eps = model_fn(x_t, t)
+  eps, var_values = split_output(model_fn(x_t, t), x_t.shape[-1])
   x0 = schedules.predict_x0_from_eps(schedule, x_t, t, eps)
   if clip_denoised:
     x0 = jnp.clip(x0, -1.0, 1.0)
@@ -44,7 +63,15 @@ def p_mean_variance(model_fn: ModelFn, schedule: schedules.Schedule,
   if variance == 'beta':
     log_betas = jnp.log(schedule.betas).at[0].set(
         schedule.posterior_log_variance_clipped[0])
-    log_var = schedules._at(log_betas, t, x_t)  # pylint: disable=protected-access
+    log_var = schedules.at(log_betas, t, x_t)
+  elif variance == 'learned':
+    if var_values is None:
+      raise ValueError("sampler_variance='learned' needs a network that "
+                       'outputs a variance (config.diffusion.loss = hybrid '
+                       'or vlb)')
+    frac = (var_values + 1.0) / 2.0
+    log_var = (frac * schedules.at(jnp.log(schedule.betas), t, x_t)
+               + (1.0 - frac) * log_var_tilde)
   else:
     check_variance(variance)
     log_var = log_var_tilde
@@ -155,7 +182,8 @@ def ddim_sample(model_fn: ModelFn, schedule: schedules.Schedule,
     x_s    = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z.
   eta = 0 is deterministic (an ODE discretisation); eta = 1 over all T steps
   is DDPM ancestral sampling with sigma^2 = beta~. With clipping, eps_hat is
-  recomputed from the clipped x0_hat so the two stay consistent.
+  recomputed from the clipped x0_hat so the two stay consistent. A learned
+  variance is ignored (DDIM fixes sigma through eta).
   Noise for step t comes from fold_in(rng, t), as in ddpm_sample.
   """
   timesteps = np.asarray(spaced_timesteps(schedule.num_timesteps, 0)
@@ -168,7 +196,7 @@ def ddim_sample(model_fn: ModelFn, schedule: schedules.Schedule,
   def step(x, ts):
     t_index, s_index = ts
     t = jnp.full((x.shape[0],), t_index, dtype=jnp.int32)
-    eps = model_fn(x, t)
+    eps, _ = split_output(model_fn(x, t), x.shape[-1])
     ab_t = abar[t_index]
     ab_s = jnp.where(s_index >= 0, abar[jnp.maximum(s_index, 0)], 1.0)
     x0 = (x - jnp.sqrt(1 - ab_t) * eps) / jnp.sqrt(ab_t)
@@ -198,8 +226,8 @@ def ddim_invert(model_fn: ModelFn, schedule: schedules.Schedule,
     ab_s = jnp.where(s_index >= 0, abar[jnp.maximum(s_index, 0)], 1.0)
     ab_t = abar[t_index]
     # eps is evaluated at the current point, the standard DDIM inversion.
-    eps = model_fn(x, jnp.full((x.shape[0],), jnp.maximum(s_index, 0),
-                               dtype=jnp.int32))
+    eps, _ = split_output(model_fn(x, jnp.full(
+        (x.shape[0],), jnp.maximum(s_index, 0), dtype=jnp.int32)), x.shape[-1])
     x0 = (x - jnp.sqrt(1 - ab_s) * eps) / jnp.sqrt(ab_s)
     return jnp.sqrt(ab_t) * x0 + jnp.sqrt(1 - ab_t) * eps, None
 

@@ -95,7 +95,7 @@ def schedule_from_config(diffusion_config) -> Schedule:
       beta_end=diffusion_config.beta_end))
 
 
-def _at(coef: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
+def at(coef: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
   """coef[t] reshaped to broadcast against x of shape (B, ...)."""
   return coef[t].reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
 
@@ -103,33 +103,33 @@ def _at(coef: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
 def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array,
              noise: jax.Array) -> jax.Array:
   """x_t ~ q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I), eq. 4."""
-  return (_at(schedule.sqrt_alphas_cumprod, t, x0) * x0
-          + _at(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+  return (at(schedule.sqrt_alphas_cumprod, t, x0) * x0
+          + at(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
 
 
 def q_mean_variance(schedule: Schedule, x0: jax.Array, t: jax.Array):
   """Mean and variance of q(x_t | x0), eq. 4."""
-  mean = _at(schedule.sqrt_alphas_cumprod, t, x0) * x0
+  mean = at(schedule.sqrt_alphas_cumprod, t, x0) * x0
   # From the float64-derived sqrt: 1 - abar in float32 loses digits near 0.
-  variance = _at(jnp.square(schedule.sqrt_one_minus_alphas_cumprod), t, x0)
+  variance = at(jnp.square(schedule.sqrt_one_minus_alphas_cumprod), t, x0)
   return mean, variance
 
 
 def q_posterior(schedule: Schedule, x0: jax.Array, x_t: jax.Array,
                 t: jax.Array):
   """Mean, variance and log-variance of q(x_{t-1} | x_t, x0), eqs. 6-7."""
-  mean = (_at(schedule.posterior_mean_coef1, t, x_t) * x0
-          + _at(schedule.posterior_mean_coef2, t, x_t) * x_t)
-  variance = _at(schedule.posterior_variance, t, x_t)
-  log_variance = _at(schedule.posterior_log_variance_clipped, t, x_t)
+  mean = (at(schedule.posterior_mean_coef1, t, x_t) * x0
+          + at(schedule.posterior_mean_coef2, t, x_t) * x_t)
+  variance = at(schedule.posterior_variance, t, x_t)
+  log_variance = at(schedule.posterior_log_variance_clipped, t, x_t)
   return mean, variance, log_variance
 
 
 def predict_x0_from_eps(schedule: Schedule, x_t: jax.Array, t: jax.Array,
                         eps: jax.Array) -> jax.Array:
   """Invert eq. 4: x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-  return (_at(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-          - _at(schedule.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
+  return (at(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+          - at(schedule.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
 
 
 # Conversions between what a network may predict, at (x_t, t) with
@@ -137,27 +137,27 @@ def predict_x0_from_eps(schedule: Schedule, x_t: jax.Array, t: jax.Array,
 #   v = a eps - b x0 (Salimans & Ho 2022), score = -eps / b;
 # x0 from eps is predict_x0_from_eps above.
 def eps_from_x0(schedule, x_t, t, x0):
-  return ((x_t - _at(schedule.sqrt_alphas_cumprod, t, x_t) * x0)
-          / _at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t))
+  return ((x_t - at(schedule.sqrt_alphas_cumprod, t, x_t) * x0)
+          / at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t))
 
 
 def v_from_eps_x0(schedule, x_t, t, eps, x0):
-  return (_at(schedule.sqrt_alphas_cumprod, t, x_t) * eps
-          - _at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * x0)
+  return (at(schedule.sqrt_alphas_cumprod, t, x_t) * eps
+          - at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * x0)
 
 
 def eps_from_v(schedule, x_t, t, v):
   """eps = a v + b x_t (since a^2 + b^2 = 1)."""
-  return (_at(schedule.sqrt_alphas_cumprod, t, x_t) * v
-          + _at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t)
+  return (at(schedule.sqrt_alphas_cumprod, t, x_t) * v
+          + at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t)
 
 
 def x0_from_v(schedule, x_t, t, v):
   """x0 = a x_t - b v."""
-  return (_at(schedule.sqrt_alphas_cumprod, t, x_t) * x_t
-          - _at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * v)
+  return (at(schedule.sqrt_alphas_cumprod, t, x_t) * x_t
+          - at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * v)
 
 
 def score_from_eps(schedule, x_t, t, eps):
   """grad_x log q(x_t) estimate: -eps / sqrt(1 - abar_t)."""
-  return -eps / _at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
+  return -eps / at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)

@@ -16,6 +16,8 @@ class TrainState:
   params: Any
   ema_params: Any
   opt_state: Any
+  # losses.LossHistory when t is importance-sampled, else None.
+  loss_history: Any = None
 
 
 def learning_rate_schedule(optim_config: ml_collections.ConfigDict):
@@ -37,9 +39,10 @@ def create_optimizer(optim_config: ml_collections.ConfigDict):
   return optax.chain(*chain)
 
 
-def create_train_state(params, optimizer) -> TrainState:
+def create_train_state(params, optimizer, loss_history=None) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    ema_params=params, opt_state=optimizer.init(params))
+                    ema_params=params, opt_state=optimizer.init(params),
+                    loss_history=loss_history)
 
 
 def ema_update(ema_params, params, decay: float):

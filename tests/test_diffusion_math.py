@@ -97,7 +97,7 @@ def test_x0_from_eps_inverts_forward(schedule):
 def gaussian_eps_denoiser(schedule, mu, s2):
   """E[eps | x_t] for data x0 ~ N(mu, s2 I): the optimal eps-predictor."""
   def model_fn(x_t, t):
-    ab = schedules._at(schedule.alphas_cumprod, t, x_t)  # pylint: disable=protected-access
+    ab = schedules.at(schedule.alphas_cumprod, t, x_t)
     return jnp.sqrt(1 - ab) * (x_t - jnp.sqrt(ab) * mu) / (ab * s2 + 1 - ab)
   return model_fn
 
@@ -106,8 +106,8 @@ def test_loss_is_zero_for_an_oracle_and_matches_closed_form(schedule):
   x0 = jax.random.uniform(jax.random.key(0), (256, 4, 4, 1), minval=-1)
 
   def oracle(x_t, t):  # knows x0, so recovers eps exactly
-    return ((x_t - schedules._at(schedule.sqrt_alphas_cumprod, t, x_t) * x0)  # pylint: disable=protected-access
-            / schedules._at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t))  # pylint: disable=protected-access
+    return ((x_t - schedules.at(schedule.sqrt_alphas_cumprod, t, x_t) * x0)
+            / schedules.at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t))
 
   loss = losses.eps_mse_loss(oracle, schedule, x0, jax.random.key(2))
   assert float(loss) < 1e-4
