@@ -26,17 +26,43 @@ def get_config() -> ml_collections.ConfigDict:
   data.random_flip = False  # horizontal flips; never for digits.
   data.prefetch = 2  # batches prepared ahead on a background thread.
 
-  # Diffusion process (diffusion_jax/schedules.py, losses.py, samplers.py).
+  # Diffusion process (diffusion_jax/schedules.py, losses.py, samplers.py;
+  # continuous time: sde.py, sde_samplers.py).
   config.diffusion = diffusion = ml_collections.ConfigDict()
+  # 'ddpm': the discrete process of num_timesteps steps and beta_schedule.
+  # Continuous time, t in [0, 1]: 'vp' (score-SDE VP, the continuous DDPM),
+  # 've' (NCSN's variance exploding SDE), 'rectified_flow'
+  # (x_t = (1 - t) x + t eps).
+  diffusion.process = 'ddpm'
   diffusion.num_timesteps = 1000
   diffusion.beta_schedule = 'linear'
   diffusion.beta_start = 1e-4
   diffusion.beta_end = 0.02
   # L_simple (Ho et al. 2020, eq. 14) predicting eps; 'x0_mse' and 'v_mse'
-  # train the network to predict x0 or v instead (samplers convert).
+  # train the network to predict x0 or v instead (samplers convert);
+  # 'velocity_mse' (continuous processes) predicts dx_t/dt, rectified flow's
+  # target. 'hybrid' (L_simple + 0.001 L_vlb) and 'vlb' learn the variance
+  # too (improved DDPM; ddpm only; set sampler_variance='learned').
   diffusion.loss = 'eps_mse'
-  diffusion.sampler_variance = 'beta'  # sigma_t^2: 'beta' or 'beta_tilde'.
+  # sigma_t^2 of the DDPM sampler: 'beta', 'beta_tilde' or 'learned'.
+  diffusion.sampler_variance = 'beta'
   diffusion.clip_denoised = True  # clip x0_hat to [-1, 1] while sampling.
+  # How training draws t: 'uniform'; 'importance' (ddpm with hybrid/vlb:
+  # p_t ~ sqrt(E[L_t^2]) over the last 10 losses of each t); 'logit_normal'
+  # (continuous: t = sigmoid(N(mean, std)), Esser et al. 2024).
+  diffusion.time_sampling = 'uniform'
+  diffusion.logit_normal_mean = 0.0
+  diffusion.logit_normal_std = 1.0
+  # Continuous processes (Song et al. 2021): beta(t) = beta_min +
+  # t (beta_max - beta_min) for vp; sigma(t) = sigma_min (sigma_max /
+  # sigma_min)^t for ve (sigma_max ~ the largest distance between training
+  # images). Training draws t in [t_min, 1]; 0 = the process's default
+  # (1e-5 for vp/ve as score_sde, 0 for rectified flow).
+  diffusion.vp_beta_min = 0.1
+  diffusion.vp_beta_max = 20.0
+  diffusion.ve_sigma_min = 0.01
+  diffusion.ve_sigma_max = 50.0
+  diffusion.t_min = 0.0
 
   # Network (diffusion_jax/models/unet.py).
   config.model = model = ml_collections.ConfigDict()
@@ -81,11 +107,24 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample = sample = ml_collections.ConfigDict()
   sample.num_images = 64
   sample.batch_size = 64  # global; split over all devices.
-  # Sampler for --mode=sample and the grids during training:
+  # Sampler for --mode=sample and the grids during training. ddpm process:
   # 'ddpm' (ancestral; respaced when 0 < num_steps < T) or 'ddim'.
+  # Continuous processes: 'euler' or 'heun' (probability-flow ODE; rectified
+  # flow's sampler), 'euler_maruyama' (reverse SDE) or 'pc' (predictor-
+  # corrector with Langevin steps), vp/ve only for the last two.
   sample.sampler = 'ddpm'
-  sample.num_steps = 0  # 0: all T steps
+  sample.num_steps = 0  # 0: all diffusion.num_timesteps steps
   sample.ddim_eta = 0.0  # DDIM only: 0 deterministic, 1 ~ DDPM (beta~)
+  sample.snr = 0.16  # pc: Langevin signal-to-noise ratio (score_sde)
+  sample.corrector_steps = 1  # pc: Langevin steps per predictor step
+  # Continuous processes: sampling integrates from t = 1 down to this t,
+  # then (vp/ve) returns the denoised x0_hat there, as score_sde's noise
+  # removal. 0 = score_sde's choice: 1e-3 for vp, else diffusion.t_min.
+  sample.t_min = 0.0
+  # Class-conditional models: guidance weight w of classifier-free guidance,
+  # f = (1 + w) f(x, y) - w f(x, null); 0 = plain conditional sampling.
+  sample.guidance_scale = 0.0
+  sample.class_label = -1  # -1: cycle through the classes; k: only class k
   # 0-based timesteps at which to save x0 predictions of the first batch as
   # progressive.png (DDPM sec. 4.3), e.g. (999, 750, 500, 250, 100, 0).
   sample.progressive_timesteps = ()

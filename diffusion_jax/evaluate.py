@@ -30,7 +30,7 @@ import tqdm
 
 from diffusion_jax import generate, input_pipeline, likelihood, losses
 from diffusion_jax import parallel
-from diffusion_jax import sample_metrics, samplers, train
+from diffusion_jax import sample_metrics, train
 
 # Keeps the eval noise apart from the training (fold 0/1) and sampling
 # (1000 + i) streams of the same seed.
@@ -43,9 +43,9 @@ def make_eval_step(config, model, schedule, mesh):
   clip = config.diffusion.clip_denoised
 
   def step(params, images, mask, rng):
-    model_fn = losses.eps_model(
-        lambda x, t: model.apply({'params': params}, x, t, train=False),
-        schedule, config.diffusion.loss)
+    # A class-conditional model is scored unconditionally (the null class).
+    model_fn = losses.eps_model(train.network_fn(config, model, params),
+                                schedule, config.diffusion.loss)
     out = likelihood.vlb_terms(model_fn, schedule, images, rng,
                                variance=variance, clip_denoised=clip)
     weighted = lambda v: jnp.sum(mask.reshape((-1,) + (1,) * (v.ndim - 1)) * v,
@@ -95,7 +95,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=None,
   mesh = parallel.create_mesh() if mesh is None else mesh
   batch_size = config.sample.batch_size
   parallel.check_batch_size(batch_size, mesh, 'config.sample.batch_size')
-  samplers.check_variance(config.diffusion.sampler_variance)
+  train.check_diffusion_config(config)
+  if train.is_continuous(config):
+    raise ValueError(
+        'the bits/dim bound of --mode=eval is implemented for '
+        "config.diffusion.process='ddpm'; for the continuous process "
+        f'{config.diffusion.process!r} score samples during training '
+        '(config.fid.every_steps) or compare --mode=sample outputs')
   params, step = generate.load_ema_params(config, workdir, mesh, step)
   model, schedule = train.create_model_and_schedule(config)
   eval_step = make_eval_step(config, model, schedule, mesh)

@@ -75,6 +75,10 @@ class _ArraySource:
   def __getitem__(self, i):
     return self._data.images[i]
 
+  def row(self, i):
+    labels = self._data.labels
+    return self._data.images[i], None if labels is None else labels[i]
+
   def load(self):
     return self._data
 
@@ -90,6 +94,9 @@ class _LazySource:
 
   def __getitem__(self, i):
     return self._read(int(i))[0]
+
+  def row(self, i):
+    return self._read(int(i))
 
   def load(self):
     rows = [self._read(i) for i in range(self._n)]
@@ -289,6 +296,26 @@ def _open_tfds(cfg, split):
   return _LazySource(len(source), read)
 
 
+class _LabelledRows:
+  """(image, int32 label) rows of a source that has labels."""
+
+  def __init__(self, source, where: str):
+    self._source = source
+    if source.row(0)[1] is None:
+      raise DataError(
+          f'{where} has no class labels, but config.model.num_classes > 0 '
+          'asks for a class-conditional model: use a labelled source '
+          '(digits, tfds with a "label" feature, idx with a labels file, npz '
+          'with "<split>_labels") or set config.model.num_classes=0.')
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, i):
+    image, label = self._source.row(i)
+    return image, np.int32(label)
+
+
 _OPENERS = dict(digits=_open_digits, tfds=_open_tfds, idx=_open_idx,
                 image_folder=_open_image_folder, npz=_open_npz)
 
@@ -317,11 +344,16 @@ def _derive_seed(seed: int, purpose: int) -> int:
   return int(np.random.SeedSequence([seed, purpose]).generate_state(1)[0])
 
 
-def _flip(image, rng):
-  return image[:, ::-1] if rng.integers(2) else image
+def _flip(row, rng):
+  # row: an image, or (image, label) when labels are kept.
+  if isinstance(row, tuple):
+    return (_flip(row[0], rng), row[1])
+  return row[:, ::-1] if rng.integers(2) else row
 
 
 def _to_model_range(batch):
+  if isinstance(batch, tuple):  # (images, labels)
+    return (_to_model_range(batch[0]), batch[1])
   return batch.astype(np.float32) / 127.5 - 1.0
 
 
@@ -427,18 +459,20 @@ def _produce(make_batch, step, end, out, stop):
 def _globalize(local, sharding, global_batch_size):
   if sharding is None:
     return local
-  return jax.make_array_from_process_local_data(
-      sharding, local, (global_batch_size,) + local.shape[1:])
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+      sharding, x, (global_batch_size,) + x.shape[1:]), local)
 
 
 def create_train_iterator(data_config, *, global_batch_size: int, seed: int,
                           sharding: Optional[jax.sharding.NamedSharding],
                           start_step: int = 0,
                           process_index: Optional[int] = None,
-                          process_count: Optional[int] = None
-                          ) -> BatchIterator:
+                          process_count: Optional[int] = None,
+                          with_labels: bool = False) -> BatchIterator:
   """Infinite, shuffled global batches of float32 images in [-1, 1].
 
+  With `with_labels` each batch is (images, int32 labels) instead, for
+  class-conditional training; the images are the same either way.
   With `sharding=None` it yields this process's numpy rows instead of a
   global array (tests, host-side benchmarks). `process_index/count` default
   to jax's and exist so the multi-process split can be tested in one process.
@@ -446,7 +480,10 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int,
   p, n = _processes(process_index, process_count)
   local_batch_size = _local_batch_size(global_batch_size, sharding, n)
   cfg = data_config
-  ds = grain.MapDataset.source(_open_split(cfg, cfg.train_split))
+  source = _open_split(cfg, cfg.train_split)
+  if with_labels:
+    source = _LabelledRows(source, f'{cfg.source} split {cfg.train_split!r}')
+  ds = grain.MapDataset.source(source)
   ds = ds.shuffle(seed=_derive_seed(seed, 0)).repeat()  # Reshuffles per epoch.
   if cfg.random_flip:
     ds = ds.random_map(_flip, seed=_derive_seed(seed, 1))  # Keyed by position.

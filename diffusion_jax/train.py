@@ -11,6 +11,7 @@ micro-batches, both without changing the trained params. Work directories may
 be gs:// paths (etils.epath), never passed to os.path.abspath/os.makedirs.
 """
 
+import dataclasses
 import os
 import signal
 import threading
@@ -28,8 +29,9 @@ import numpy as np
 import optax
 import tqdm
 
-from diffusion_jax import checkpointing, input_pipeline, losses, models
-from diffusion_jax import parallel, samplers, schedules, visualization
+from diffusion_jax import checkpointing, guidance, input_pipeline, losses
+from diffusion_jax import models, parallel, samplers, schedules, sde
+from diffusion_jax import sde_samplers, visualization
 from diffusion_jax.train_state import (TrainState, create_optimizer,
                                        create_train_state, ema_update,
                                        learning_rate_schedule)
@@ -95,13 +97,7 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   if config.fid.every_steps:
     parallel.check_batch_size(config.sample.batch_size, mesh,
                               'config.sample.batch_size')
-  if config.sample.sampler not in samplers.SAMPLERS:
-    raise ValueError(f'config.sample.sampler must be one of '
-                     f'{samplers.SAMPLERS}, got {config.sample.sampler!r}')
-  samplers.check_variance(config.diffusion.sampler_variance)
-  losses.get_loss_fn(config.diffusion.loss)
-  schedules.get_betas(config.diffusion.beta_schedule, 2, beta_start=1e-4,
-                      beta_end=0.02)
+  check_diffusion_config(config)
   size, levels = config.data.image_size, len(config.model.ch_mult)
   if size % 2 ** (levels - 1):
     raise ValueError(
@@ -135,22 +131,89 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
     raise ValueError('config.optim.ema_decay must be in [0, 1)')
 
 
+def is_continuous(config) -> bool:
+  """True for the continuous-time processes of sde.py (t in [0, 1])."""
+  return config.diffusion.process != 'ddpm'
+
+
+def check_diffusion_config(config) -> None:
+  """Process, loss, sampler and conditioning settings that fit together;
+  shared by every mode, run before anything is loaded or compiled."""
+  d, s = config.diffusion, config.sample
+  losses.check_config(d)
+  if is_continuous(config):
+    if s.sampler not in sde_samplers.SAMPLERS:
+      raise ValueError(
+          f'config.sample.sampler={s.sampler!r} does not apply to the '
+          f'continuous process {d.process!r}: use one of '
+          f'{sde_samplers.SAMPLERS}')
+    # The process, its parameters, the prediction and the sampler.
+    sde_samplers.check_sample_args(
+        sampling_process(config, sde.process_from_config(d)),
+        losses.PREDICTIONS[d.loss], s.sampler, s.num_steps or d.num_timesteps)
+  else:
+    if s.sampler not in samplers.SAMPLERS:
+      raise ValueError(
+          f'config.sample.sampler={s.sampler!r} does not apply to '
+          f"config.diffusion.process='ddpm': use one of {samplers.SAMPLERS}")
+    samplers.check_variance(d.sampler_variance)
+    schedules.get_betas(d.beta_schedule, 2, beta_start=1e-4, beta_end=0.02)
+  if s.guidance_scale and not config.model.num_classes:
+    raise ValueError(
+        f'config.sample.guidance_scale={s.guidance_scale} needs a class-'
+        'conditional model (config.model.num_classes > 0)')
+  if config.model.num_classes:
+    guidance.class_labels(1, config.model.num_classes, s.class_label)
+
+
 def image_shape(config) -> tuple[int, int, int]:
   return (config.data.image_size, config.data.image_size, config.data.channels)
 
 
 def create_model_and_schedule(config):
-  model = models.create_model(config.model, out_channels=config.data.channels)
+  """The network and the process: a schedules.Schedule for 'ddpm', an
+  sde.Process for the continuous processes. A learned variance doubles the
+  network's output channels."""
+  channels = config.data.channels
+  if losses.learns_variance(config.diffusion.loss):
+    channels *= 2
+  model = models.create_model(config.model, out_channels=channels)
+  if is_continuous(config):
+    return model, sde.process_from_config(config.diffusion)
   return model, schedules.schedule_from_config(config.diffusion)
+
+
+def importance_sampler(config):
+  """The t sampler of config.diffusion.time_sampling='importance', or None."""
+  if config.diffusion.time_sampling != 'importance':
+    return None
+  return losses.ImportanceSampler(config.diffusion.num_timesteps)
+
+
+def network_fn(config, model, params, labels=None, *, train=False,
+               dropout_rng=None):
+  """(x, t) -> the network output, for losses and samplers.
+
+  t is the 0-based timestep for 'ddpm' and the continuous time in [0, 1]
+  otherwise (mapped to the network's input by sde.model_time). `labels`
+  are the class labels of the rows (None: the null class).
+  """
+  time = sde.model_time if is_continuous(config) else (lambda t: t)
+  rngs = {'dropout': dropout_rng} if train else None
+  return lambda x, t, y=labels: model.apply(
+      {'params': params}, x, time(t), y, train=train, rngs=rngs)
 
 
 def init_fn(config, model, optimizer):
   """rng -> TrainState; jit it (with out_shardings) or eval_shape it."""
+  sampler = importance_sampler(config)
+
   def init(rng):
     x = jnp.zeros((1, *image_shape(config)), jnp.float32)
-    params = model.init({'params': rng}, x, jnp.zeros((1,), jnp.int32),
+    params = model.init({'params': rng}, x, jnp.zeros((1,), jnp.float32),
                         train=False)['params']
-    return create_train_state(params, optimizer)
+    return create_train_state(params, optimizer,
+                              sampler.init() if sampler else None)
   return init
 
 
@@ -179,46 +242,89 @@ def _micro_batches(x: jax.Array, m: int) -> jax.Array:
   return jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
 
 
+def _unmicro_batch(x: jax.Array) -> jax.Array:
+  """The inverse of _micro_batches: (m, B/m, ...) -> (B, ...)."""
+  return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
 def make_train_step(config, model, schedule, optimizer):
-  """(state, images) -> (state, metrics); pure, to be jitted.
+  """(state, batch) -> (state, metrics); pure, to be jitted.
+
+  `batch` is the images, or (images, labels) for a class-conditional model
+  (config.model.num_classes > 0), whose labels are replaced by the null
+  class with probability config.model.label_dropout.
+
+  t is drawn per example: uniformly, importance-sampled from the loss
+  history in the state (ddpm) or logit-normal (continuous processes); the
+  loss is the mean over the batch of the per-example losses, each weighted
+  by 1 / (T p_t) under importance sampling.
 
   With config.grad_accum_steps = m > 1 the batch is split into m
   micro-batches (a lax.scan), their gradients averaged, then one optimizer
-  update. t and the noise are drawn for the whole batch first and sliced, so
-  with model.dropout = 0 the update equals the plain step's up to float
-  summation order. Dropout masks are drawn per micro-batch (key folded with
-  the micro-batch index): the same distribution, not the same masks.
+  update. t, the noise and the labels are drawn for the whole batch first
+  and sliced, so with model.dropout = 0 the update equals the plain step's
+  up to float summation order. Dropout masks are drawn per micro-batch (key
+  folded with the micro-batch index): the same distribution, not the same
+  masks.
   """
-  loss_fn = losses.LOSSES_GIVEN_NOISE[config.diffusion.loss]
+  continuous = is_continuous(config)
+  per_example = losses.per_example_loss(config.diffusion.loss, continuous)
+  sampler = importance_sampler(config)
+  num_classes = config.model.num_classes
   lr_schedule = learning_rate_schedule(config.optim)
   m = config.grad_accum_steps
+  d = config.diffusion
 
-  def train_step(state: TrainState, images: jax.Array):
+  def draw(images, rng, loss_history):
+    """Per-example t, noise and loss weights of the batch."""
+    if continuous:
+      t_rng, noise_rng = jax.random.split(rng)
+      t = sde.sample_time(t_rng, images.shape[0], method=d.time_sampling,
+                          t_min=schedule.t_min,
+                          logit_mean=d.logit_normal_mean,
+                          logit_std=d.logit_normal_std)
+      noise = jax.random.normal(noise_rng, images.shape, images.dtype)
+      return t, noise, jnp.ones((images.shape[0],), jnp.float32)
+    probs = sampler.probs(loss_history) if sampler else None
+    t, noise = losses.draw_t_and_noise(schedule, images, rng, probs)
+    weights = (sampler.weights(probs, t) if sampler
+               else jnp.ones((images.shape[0],), jnp.float32))
+    return t, noise, weights
+
+  def train_step(state: TrainState, batch):
+    images, labels = batch if num_classes else (batch, None)
     # RNG from (seed, step): a resumed run draws the same numbers.
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
-    loss_rng, dropout_rng = jax.random.split(rng)
-    t, noise = losses.draw_t_and_noise(schedule, images, loss_rng)
+    loss_rng, dropout_rng, label_rng = jax.random.split(rng, 3)
+    t, noise, weights = draw(images, loss_rng, state.loss_history)
+    if num_classes:
+      drop = jax.random.bernoulli(label_rng, config.model.label_dropout,
+                                  labels.shape)
+      labels = jnp.where(drop, num_classes, labels)
 
-    def objective(params, x, t, noise, dropout_rng):
-      model_fn = lambda x, t: model.apply({'params': params}, x, t, train=True,
-                                          rngs={'dropout': dropout_rng})
-      return loss_fn(model_fn, schedule, x, t, noise)
+    def objective(params, xs, dropout_rng):
+      x, t, noise, weights, labels = xs
+      model_fn = network_fn(config, model, params, labels, train=True,
+                            dropout_rng=dropout_rng)
+      values = per_example(model_fn, schedule, x, t, noise)
+      return jnp.mean(weights * values), values
 
+    xs = (images, t, noise, weights, labels)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
     if m == 1:
-      loss, grads = jax.value_and_grad(objective)(
-          state.params, images, t, noise, dropout_rng)
+      (loss, values), grads = grad_fn(state.params, xs, dropout_rng)
     else:
-      def accumulate(carry, xs):
-        i, x, t_i, noise_i = xs
-        loss_i, grads_i = jax.value_and_grad(objective)(
-            state.params, x, t_i, noise_i, jax.random.fold_in(dropout_rng, i))
-        return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
+      def accumulate(carry, i_xs):
+        i, xs_i = i_xs
+        (loss_i, values_i), grads_i = grad_fn(
+            state.params, xs_i, jax.random.fold_in(dropout_rng, i))
+        return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), values_i
 
       zeros = (jnp.zeros((), jnp.float32),
                jax.tree.map(jnp.zeros_like, state.params))
-      (loss, grads), _ = jax.lax.scan(accumulate, zeros, (
-          jnp.arange(m), _micro_batches(images, m), _micro_batches(t, m),
-          _micro_batches(noise, m)))
+      (loss, grads), values = jax.lax.scan(accumulate, zeros, (
+          jnp.arange(m), jax.tree.map(lambda a: _micro_batches(a, m), xs)))
+      values = _unmicro_batch(values)
       # Equal-sized micro-batches: the mean of their means is the batch mean.
       loss, grads = jax.tree.map(lambda g: g / m, (loss, grads))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -226,6 +332,9 @@ def make_train_step(config, model, schedule, optimizer):
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state,
         ema_params=ema_update(state.ema_params, params, config.optim.ema_decay))
+    if sampler:
+      new_state = new_state.replace(loss_history=sampler.update(
+          state.loss_history, t, values))
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
                'learning_rate': lr_schedule(state.step)}
     return new_state, metrics
@@ -240,8 +349,9 @@ def make_multi_step(train_step):
   k steps. Metrics keep a leading k axis so logging and the NaN check still
   see every step.
   """
-  def multi_step(state: TrainState, batches: tuple[jax.Array, ...]):
-    return jax.lax.scan(train_step, state, jnp.stack(batches))
+  def multi_step(state: TrainState, batches: tuple):
+    stacked = jax.tree.map(lambda *b: jnp.stack(b), *batches)
+    return jax.lax.scan(train_step, state, stacked)
 
   return multi_step
 
@@ -255,19 +365,60 @@ def jit_train_step(train_step, mesh, steps_per_call: int = 1):
                  out_shardings=(repl, repl), donate_argnums=(0,))
 
 
+def sampling_model_fn(config, model, schedule, params, num: int):
+  """(x, t) -> what the samplers consume for a batch of `num` samples: the
+  network with classifier-free guidance for a conditional model (labels from
+  config.sample), converted to eps for the ddpm samplers."""
+  apply_fn = network_fn(config, model, params)
+  if config.model.num_classes:
+    labels = guidance.class_labels(num, config.model.num_classes,
+                                   config.sample.class_label)
+    model_fn = guidance.guided_model(
+        apply_fn, labels, null_label=config.model.num_classes,
+        scale=config.sample.guidance_scale, channels=config.data.channels)
+  else:
+    model_fn = lambda x, t: apply_fn(x, t, None)
+  if is_continuous(config):
+    return model_fn
+  return losses.eps_model(model_fn, schedule, config.diffusion.loss)
+
+
+def sampling_process(config, process: sde.Process) -> sde.Process:
+  """The process with the t at which sampling stops (config.sample.t_min;
+  0: 1e-3 for vp, whose late steps score_sde skips, else the training
+  t_min)."""
+  t_min = config.sample.t_min or (max(process.t_min, 1e-3)
+                                  if process.kind == 'vp' else process.t_min)
+  return dataclasses.replace(process, t_min=t_min)
+
+
 def make_sample_fn(config, model, schedule, mesh, x0_at=()):
   """(params, x_T, rng) -> images in [-1, 1]; x_T sharded over 'data'.
 
-  With x0_at (0-based timesteps) it returns (images, x0 predictions at those
-  steps), the predictions shaped (len(x0_at), batch, H, W, C).
+  x_T is standard normal noise (a continuous sampler scales it to its prior).
+  With x0_at (0-based timesteps, ddpm only) it returns (images, x0
+  predictions at those steps), the predictions shaped (len(x0_at), batch,
+  H, W, C).
   """
+  s = config.sample
+
   def sample(params, x_T, rng):
-    model_fn = losses.eps_model(
-        lambda x, t: model.apply({'params': params}, x, t, train=False),
-        schedule, config.diffusion.loss)
+    model_fn = sampling_model_fn(config, model, schedule, params,
+                                 x_T.shape[0])
+    if is_continuous(config):
+      if x0_at:
+        raise ValueError('progressive_timesteps need the ddpm process')
+      out = sde_samplers.sample(
+          model_fn, sampling_process(config, schedule),
+          losses.PREDICTIONS[config.diffusion.loss], x_T, rng,
+          sampler=s.sampler,
+          num_steps=s.num_steps or config.diffusion.num_timesteps,
+          snr=s.snr, corrector_steps=s.corrector_steps,
+          denoise=schedule.kind != 'rectified_flow')
+      return jnp.clip(out, -1.0, 1.0) if config.diffusion.clip_denoised else out
     return samplers.sample(
-        model_fn, schedule, x_T, rng, sampler=config.sample.sampler,
-        num_steps=config.sample.num_steps, eta=config.sample.ddim_eta,
+        model_fn, schedule, x_T, rng, sampler=s.sampler,
+        num_steps=s.num_steps, eta=s.ddim_eta,
         variance=config.diffusion.sampler_variance,
         clip_denoised=config.diffusion.clip_denoised, x0_at=x0_at)
   batch = parallel.batch_sharded(mesh)
@@ -371,7 +522,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   train_iter = input_pipeline.create_train_iterator(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
-      sharding=parallel.batch_sharded(mesh), start_step=latest or 0)
+      sharding=parallel.batch_sharded(mesh), start_step=latest or 0,
+      with_labels=bool(config.model.num_classes))
   write_config(config, workdir)
 
   if latest is not None:

@@ -95,11 +95,22 @@ def test_eight_devices_match_one_device():
                          s8.params['conv_in']['kernel'])
 
 
-def test_resume_gives_the_same_params_as_an_uninterrupted_run(tmp_path):
-  config = tiny_config(**{'num_train_steps': 6})
+# Improved DDPM with importance sampling (its loss history lives in the
+# checkpoint) and a class-conditional model with label dropout.
+IDDPM_CONDITIONAL = {'diffusion.loss': 'hybrid',
+                     'diffusion.sampler_variance': 'learned',
+                     'diffusion.time_sampling': 'importance',
+                     'model.num_classes': 10, 'grad_accum_steps': 2}
+
+
+@pytest.mark.parametrize('extra', [{}, IDDPM_CONDITIONAL],
+                         ids=['ddpm', 'iddpm_conditional'])
+def test_resume_gives_the_same_params_as_an_uninterrupted_run(tmp_path, extra):
+  config = tiny_config(**{'num_train_steps': 6}, **extra)
   full = jax.device_get(train.train_and_evaluate(config, str(tmp_path / 'a')))
   workdir = str(tmp_path / 'b')
-  train.train_and_evaluate(tiny_config(**{'num_train_steps': 3}), workdir)
+  train.train_and_evaluate(tiny_config(**{'num_train_steps': 3}, **extra),
+                           workdir)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
   assert ckpt.all_steps() == [2, 3]
   ckpt.close()
@@ -109,6 +120,10 @@ def test_resume_gives_the_same_params_as_an_uninterrupted_run(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, resumed.ema_params,
                full.ema_params)
   jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, full.opt_state)
+  jax.tree.map(np.testing.assert_array_equal, resumed.loss_history,
+               full.loss_history)
+  if extra:  # 6 steps x 16 examples spread over the 20 timesteps' histories
+    assert int(full.loss_history.counts.sum()) == 6 * 16
   assert os.path.exists(os.path.join(workdir, 'config.json'))
 
 
@@ -133,6 +148,28 @@ def test_sample_mode_writes_png_and_npz_deterministically(tmp_path):
   # upscaled by an integer factor to >= 256 px.
   scale = fig.shape[1] // (4 * 9 + 1)
   assert fig.shape[:2] == ((4 * 9 + 1) * scale, (4 * 9 + 1) * scale)
+
+
+@pytest.mark.parametrize('extra', [
+    {'diffusion.process': 'rectified_flow', 'diffusion.loss': 'velocity_mse',
+     'diffusion.time_sampling': 'logit_normal', 'sample.sampler': 'heun',
+     'sample.num_steps': 3, 'model.num_classes': 10,
+     'sample.guidance_scale': 2.0},
+    {'diffusion.process': 've', 'diffusion.ve_sigma_max': 10.0,
+     'sample.sampler': 'pc', 'sample.num_steps': 3},
+], ids=['rectified_flow_guided', 've_pc'])
+def test_continuous_process_trains_and_samples_the_same_on_any_mesh(tmp_path,
+                                                                    extra):
+  config = tiny_config(num_train_steps=2, **extra)
+  workdir = str(tmp_path)
+  train.train_and_evaluate(config, workdir)
+  read = lambda out: np.load(os.path.join(out, 'samples.npz'))['images']
+  on_8 = read(generate.generate(config, workdir))
+  on_1 = read(generate.generate(
+      config, workdir, mesh=parallel.create_mesh(jax.devices()[:1])))
+  assert on_8.shape == (12, 8, 8, 1) and on_8.std() > 0
+  # Same images (uint8, up to one level of float rounding).
+  assert np.abs(on_8.astype(int) - on_1.astype(int)).max() <= 1
 
 
 def test_sample_mode_without_checkpoint_says_train_first(tmp_path):
@@ -230,3 +267,21 @@ def test_paper_256_configs(name, steps, flip):
   assert (config.num_train_steps, config.data.random_flip) == (steps, flip)
   assert (config.batch_size, config.optim.learning_rate) == (64, 2e-5)
   assert config.model.dropout == 0.0 and config.data.image_size == 256
+
+
+@pytest.mark.parametrize('name', [
+    'cifar10_iddpm', 'cifar10_rectified_flow', 'cifar10_cfg', 'digits_iddpm',
+    'digits_rectified_flow', 'digits_cfg', 'digits_vp_sde', 'digits_ve_sde'])
+def test_beyond_ddpm_configs_pass_the_checks_and_build(name):
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f'configs.{name}').get_config()
+  train.check_config(config, parallel.create_mesh())
+  model, _ = train.create_model_and_schedule(config)
+  x = jnp.zeros((2, *train.image_shape(config)))
+  out = jax.eval_shape(lambda: model.apply(
+      model.init(jax.random.key(0), x, jnp.zeros((2,)), train=False),
+      x, jnp.zeros((2,)), train=False))
+  learned = config.diffusion.sampler_variance == 'learned'
+  assert out.shape == (2, *train.image_shape(config)[:2],
+                       config.data.channels * (2 if learned else 1))
+  assert ('cfg' in name) == (config.model.num_classes == 10)
