@@ -135,6 +135,51 @@ def mmd2_unbiased(x, y) -> float:
   return float(off(kxx) + off(kyy) - 2 * kxy.mean())
 
 
+def _flat64(x):
+  x = np.asarray(x, np.float64)
+  return x.reshape(x.shape[0], -1)
+
+
+def sliced_wasserstein(x, y, *, num_projections: int = 256,
+                       seed: int = 0) -> float:
+  """Sliced Wasserstein-1 distance between two equal-size sample sets.
+
+  The mean over random unit directions of the 1-D Wasserstein-1 distance of
+  the projected samples, which for equal sizes is the mean |difference| of
+  the sorted projections. Cheap, no network: a sample-quality figure for
+  small data (2-D toys, 8x8 digits) where FID's Inception features are
+  meaningless. Compare it with the distance between two halves of the data.
+  """
+  x, y = _flat64(x), _flat64(y)
+  if x.shape != y.shape:
+    raise ValueError(f'need two sets of the same shape, got {x.shape} and '
+                     f'{y.shape}')
+  dirs = np.random.default_rng(seed).normal(size=(x.shape[1], num_projections))
+  dirs /= np.linalg.norm(dirs, axis=0, keepdims=True)
+  px, py = np.sort(x @ dirs, axis=0), np.sort(y @ dirs, axis=0)
+  return float(np.mean(np.abs(px - py)))
+
+
+def mmd_rbf(x, y, *, bandwidth: Optional[float] = None) -> float:
+  """Unbiased MMD^2 with the Gaussian kernel exp(-|a - b|^2 / (2 h^2)).
+
+  h defaults to the median distance between all pooled samples (the median
+  heuristic). Can be slightly negative when the sets match.
+  """
+  x, y = _flat64(x), _flat64(y)
+  pooled = np.concatenate([x, y])
+  sq = np.maximum(np.sum(pooled ** 2, 1)[:, None] + np.sum(pooled ** 2, 1)
+                  - 2 * pooled @ pooled.T, 0.0)
+  if bandwidth is None:
+    bandwidth = float(np.sqrt(np.median(sq[np.triu_indices(len(pooled), 1)])))
+  k = np.exp(-sq / (2 * bandwidth ** 2))
+  m, n = len(x), len(y)
+  kxx, kyy, kxy = k[:m, :m], k[m:, m:], k[:m, m:]
+  return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+               + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+               - 2 * kxy.mean())
+
+
 def kid(feats1, feats2, *, subsets: int = 100, subset_size: int = 1000,
         seed: int = 0) -> tuple[float, float]:
   """(mean, std) of the unbiased MMD^2 over random subsets (KID)."""
