@@ -105,16 +105,28 @@ class Checkpointer:
     if step is None:
       raise CheckpointError(f'no checkpoint in {self.directory}')
     self.check_compatible(abstract_state, step)
+    target = abstract_state
+    # Train states gained an optional field (loss_history, None unless t is
+    # importance-sampled); checkpoints written before it lack the key.
+    # Restore those as a dict of the fields they have.
+    legacy = (getattr(abstract_state, 'loss_history', 0) is None and
+              'loss_history' not in self._manager.item_metadata(step)['state'])
+    if legacy:
+      target = {k: v for k, v in vars(abstract_state).items()
+                if k != 'loss_history'}
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
+          state=ocp.args.StandardRestore(target),
           data=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(
           f'checkpoint step {step} in {self.directory} could not be restored '
           f'({type(e).__name__}: {e}). It may be corrupt: move that step '
           'directory aside to resume from an earlier step.') from e
-    return restored['state'], dict(restored['data'] or {})
+    state = restored['state']
+    if legacy:
+      state = abstract_state.replace(**state)
+    return state, dict(restored['data'] or {})
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()

@@ -288,3 +288,24 @@ def test_beyond_ddpm_configs_pass_the_checks_and_build(name):
   assert out.shape == (2, *train.image_shape(config)[:2],
                        config.data.channels * (2 if learned else 1))
   assert ('cfg' in name) == (config.model.num_classes == 10)
+
+
+def test_checkpoints_from_before_the_loss_history_field_still_restore(tmp_path):
+  """Train states written before TrainState.loss_history existed hold only
+  step, params, ema_params and opt_state; they must keep resuming."""
+  config = tiny_config()
+  mesh = parallel.create_mesh()
+  model, _ = train.create_model_and_schedule(config)
+  optimizer = train_state.create_optimizer(config.optim)
+  state = train.init_train_state(config, model, optimizer, mesh,
+                                 jax.random.key(1))
+  old_layout = {k: v for k, v in vars(state).items() if k != 'loss_history'}
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  ckpt.save(7, old_layout, {'step': 7})
+  ckpt.wait_until_finished()
+  restored, data = ckpt.restore(
+      train.abstract_train_state(config, model, optimizer, mesh), 7)
+  ckpt.close()
+  assert isinstance(restored, train_state.TrainState) and data == {'step': 7}
+  assert restored.loss_history is None
+  jax.tree.map(np.testing.assert_array_equal, restored.params, state.params)
