@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import parallel, train, train_state
+from benchmarks import common
+from diffusion_jax import parallel, train
 
 config_flags.DEFINE_config_file('config', 'configs/cifar10_ddpm.py', 'Config.')
 flags.DEFINE_integer('batch_size', 8, 'Global batch size.')
@@ -43,15 +44,10 @@ def main(_):
   config = FLAGS.config
   mesh = parallel.create_mesh()
   b = FLAGS.batch_size
-  model, schedule = train.create_model_and_schedule(config)
-  optimizer = train_state.create_optimizer(config.optim)
-  state = train.init_train_state(config, model, optimizer, mesh,
-                                 jax.random.key(0))
+  model, schedule, optimizer, state, images = common.model_state_and_images(
+      config, b, mesh)
   step = train.jit_train_step(
       train.make_train_step(config, model, schedule, optimizer), mesh)
-  images = jax.device_put(
-      jax.random.uniform(jax.random.key(1), (b, *train.image_shape(config)),
-                         minval=-1), parallel.batch_sharded(mesh))
 
   t0 = time.perf_counter()
   compiled = step.lower(state, images).compile()

@@ -11,12 +11,15 @@ one tensor at a time. As in diffusers, `up_blocks_0` is the lowest
 resolution.
 """
 
+import functools
 import math
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from diffusion_jax.models import conv as conv_lib
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int) -> jax.Array:
@@ -43,6 +46,11 @@ def _zero_init_last() -> nn.initializers.Initializer:
 
 _default_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform')
 
+# nn.Conv (same parameters) whose weight gradient is a faster formulation on
+# CPU; XLA's own convolution elsewhere. See models/conv.py (WEIGHT_GRAD).
+Conv = functools.partial(nn.Conv,
+                         conv_general_dilated=conv_lib.conv_general_dilated)
+
 
 class ResnetBlock(nn.Module):
   """GroupNorm-swish-conv twice, time embedding added in between."""
@@ -53,7 +61,7 @@ class ResnetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, temb, *, train: bool):
-    conv = lambda ch, k, name, **kw: nn.Conv(
+    conv = lambda ch, k, name, **kw: Conv(
         ch, (k, k), padding='SAME', dtype=self.dtype, name=name,
         kernel_init=kw.pop('kernel_init', _default_init))
     h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name='norm1')(x)
@@ -94,8 +102,8 @@ class Downsample(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding='SAME',
-                   dtype=self.dtype, kernel_init=_default_init, name='conv')(x)
+    return Conv(x.shape[-1], (3, 3), strides=(2, 2), padding='SAME',
+                dtype=self.dtype, kernel_init=_default_init, name='conv')(x)
 
 
 class Upsample(nn.Module):
@@ -107,8 +115,8 @@ class Upsample(nn.Module):
     b, h, w, c = x.shape
     x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
     x = x.reshape(b, 2 * h, 2 * w, c)
-    return nn.Conv(c, (3, 3), padding='SAME', dtype=self.dtype,
-                   kernel_init=_default_init, name='conv')(x)
+    return Conv(c, (3, 3), padding='SAME', dtype=self.dtype,
+                kernel_init=_default_init, name='conv')(x)
 
 
 class UNet(nn.Module):
@@ -176,8 +184,8 @@ class UNet(nn.Module):
       raise ValueError('class labels given to an unconditional U-Net: set '
                        'config.model.num_classes to the number of classes')
 
-    h = nn.Conv(self.ch, (3, 3), padding='SAME', dtype=self.dtype,
-                kernel_init=_default_init, name='conv_in')(x.astype(self.dtype))
+    h = Conv(self.ch, (3, 3), padding='SAME', dtype=self.dtype,
+             kernel_init=_default_init, name='conv_in')(x.astype(self.dtype))
     skips = [h]
     for level, mult in enumerate(self.ch_mult):
       prefix = f'down_blocks_{level}'
@@ -209,6 +217,6 @@ class UNet(nn.Module):
 
     h = nn.swish(nn.GroupNorm(self.num_groups, dtype=self.dtype,
                               name='conv_norm_out')(h))
-    h = nn.Conv(self.out_channels, (3, 3), padding='SAME', dtype=self.dtype,
-                kernel_init=_zero_init_last(), name='conv_out')(h)
+    h = Conv(self.out_channels, (3, 3), padding='SAME', dtype=self.dtype,
+             kernel_init=_zero_init_last(), name='conv_out')(h)
     return h.astype(jnp.float32)

@@ -1,0 +1,401 @@
+r"""Our paper U-Net vs diffusers' UNet2DModel + torch Adam, on this machine.
+
+  .venv/bin/python benchmarks/vs_diffusers.py --batch_sizes=8,32 --reps=5
+
+Needs torch and diffusers (requirements-convert.txt; benchmark-only). The
+machine may be shared, so every figure is measured alternately in one process
+(ours, theirs, theirs, ours, ...: the order reverses every repetition) and
+each line carries the load average; ratios are medians of per-repetition
+ratios of neighbouring measurements. `--notorch` times only our variants
+(--weight_grad x --ynn_conv), e.g. to measure one change.
+
+What it prints, per batch size:
+  train step   ours (one compiled call: dropout 0.1, Adam, clipping at 1.0,
+               EMA; WEIGHT_GRAD variants from --weight_grad) vs diffusers'
+               UNet2DModel (the paper's CIFAR-10 config, dropout 0.1) with
+               torch Adam (foreach), clip_grad_norm_ and a foreach EMA
+               update -- the loop of diffusers' train_unconditional example.
+  forward      eval mode, ours jitted vs torch.inference_mode().
+  FLOPs, MFU   XLA's cost analysis of our step with XLA's own convolutions
+               (the model's FLOPs), against fp32 matmul peaks measured in
+               the same run: torch.mm (MKL) and a jitted XLA dot.
+  sampling     one step of ddpm_sample's lax.scan (T steps in one jit) vs a
+               bare jitted forward at the same batch: the loop's overhead.
+  memory       XLA's memory analysis of our compiled step; peak RSS.
+--malloc=big raises glibc's mmap threshold first, --malloc=ab times every
+candidate both ways (see --help and BENCHMARKS.md, issue 7).
+
+OMP_WAIT_POLICY=PASSIVE is set for torch's OpenMP threads unless already set:
+with the default (spinning) policy, diffusers' forward took 4.0 s instead of
+0.9 s when other jobs held one of the two cores (one thread: 0.8 s), because
+the threads spin at every barrier waiting for a descheduled peer. XLA's
+thread pool does not suffer this way, so spinning would make the comparison
+unfair to torch on a shared machine.
+"""
+
+import ctypes
+import math
+import os
+
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch loads
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import cifar10_ddpm
+from diffusion_jax import parallel, samplers, schedules, train, train_state
+from diffusion_jax.models import conv
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+flags.DEFINE_list('batch_sizes', ['8', '32'], 'Batch sizes.')
+flags.DEFINE_integer('reps', 5, 'Timed repetitions of each candidate.')
+flags.DEFINE_list('weight_grad', ['auto'],
+                  'conv.WEIGHT_GRAD settings to compile our step with '
+                  '(xla = the plain port, auto = per-tap on CPU).')
+flags.DEFINE_list('ynn_conv', ['on'],
+                  'on: XLA:CPU default (YNNPACK convolutions); off: compile '
+                  'with NO_YNN_CONV (YNNPACK for dots only). '
+                  'Each WEIGHT_GRAD x ynn_conv pair is a variant of our step.')
+flags.DEFINE_list('what', ['peaks', 'train', 'forward', 'sample'],
+                  'Parts to run.')
+flags.DEFINE_integer('sample_steps', 20, 'T of the timed sampling loop.')
+flags.DEFINE_enum('malloc', 'default', ['default', 'big', 'ab'],
+                  'big: glibc mallopt(M_MMAP_THRESHOLD=1 GiB, no trimming) '
+                  'so that large buffers are reused instead of mmap-ed and '
+                  'page-faulted on every call; ab: alternate both settings '
+                  'for every candidate.')
+flags.DEFINE_bool('torch', True, 'Include diffusers + torch.')
+FLAGS = flags.FLAGS
+
+# XLA:CPU (jaxlib 0.10) hands convolutions to YNNPACK by default. Keeping it
+# for dots only (the value replaces the default list) made a single 3x3 conv's
+# forward + gradients 2x faster in benchmarks/conv_grad.py, but the whole
+# train step no faster (BENCHMARKS.md, issue 7): an experiment, not a default.
+NO_YNN_CONV = {
+    'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT',
+}
+
+# google/ddpm-cifar10-32's UNet2DModel config (as tests/test_convert_diffusers).
+CIFAR10_UNET = dict(
+    act_fn='silu', attention_head_dim=None,
+    block_out_channels=[128, 256, 256, 256], center_input_sample=False,
+    down_block_types=['DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D',
+                      'DownBlock2D'],
+    downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, in_channels=3,
+    layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-06,
+    norm_num_groups=32, out_channels=3, sample_size=32,
+    time_embedding_type='positional',
+    up_block_types=['UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'])
+
+_LIBC = ctypes.CDLL('libc.so.6')
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def set_big_heap(on: bool) -> None:
+  """glibc malloc: serve big buffers from the heap and keep freed memory.
+
+  By default glibc mmaps every block above a threshold that adapts up to
+  32 MiB and unmaps it on free, so each call of a compiled step that
+  allocates a larger temporary pays first-touch page faults on all of it.
+  """
+  if on:
+    _LIBC.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(2 ** 30))
+    _LIBC.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2 ** 31 - 1))
+  else:  # glibc's defaults.
+    _LIBC.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(128 * 1024))
+    _LIBC.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(128 * 1024))
+    _LIBC.malloc_trim(0)
+
+
+def load() -> str:
+  return '/'.join(f'{x:.1f}' for x in os.getloadavg())
+
+
+def alternate(cands: dict, reps: int, label: str):
+  """Times each candidate once per repetition, in turn (the order reversed
+  every other repetition, so no candidate always follows the same one);
+  returns the lists of seconds."""
+  times = {name: [] for name in cands}
+  for r in range(reps):
+    line = []
+    order = list(cands.items())
+    for name, fn in order if r % 2 == 0 else order[::-1]:
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+      line.append(f'{name} {times[name][-1]:.3f}')
+    print(f'  [{label} rep {r}] ' + ', '.join(line) + f'  load {load()}',
+          flush=True)
+  return times
+
+
+def median_ratio(num, den):
+  return float(np.median(np.asarray(num) / np.asarray(den)))
+
+
+def with_malloc_variants(cands: dict) -> dict:
+  if FLAGS.malloc != 'ab':
+    return cands
+  out = {}
+  for name, fn in cands.items():
+    for on in (False, True):
+      def run(fn=fn, on=on):
+        set_big_heap(on)
+        fn()  # untimed: lets the allocator settle in this mode
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+      out[f'{name}{"+bigheap" if on else ""}'] = run
+  return out
+
+
+def time_cands(cands, reps, label):
+  """Like alternate(), but in 'ab' malloc mode times only the second call."""
+  if FLAGS.malloc != 'ab':
+    return alternate(cands, reps, label)
+  cands = with_malloc_variants(cands)
+  times = {name: [] for name in cands}
+  for r in range(reps):
+    line = []
+    order = list(cands.items())
+    for name, fn in order if r % 2 == 0 else order[::-1]:
+      times[name].append(fn())
+      line.append(f'{name} {times[name][-1]:.3f}')
+    print(f'  [{label} rep {r}] ' + ', '.join(line) + f'  load {load()}',
+          flush=True)
+  return times
+
+
+def summarize(times, b, flops=None, peaks=None, ref=None):
+  for name, t in times.items():
+    med = float(np.median(t))
+    line = f'  {name:28s} {med:7.3f} s  {b / med:7.1f} images/s'
+    if flops and peaks:
+      line += '  MFU ' + ', '.join(f'{flops / med / p:.0%} of {k}'
+                                   for k, p in peaks.items())
+    if ref and ref in times and name != ref:
+      line += f'  speed-up vs {ref}: {median_ratio(times[ref], t):.2f}x'
+    print(line)
+
+
+def matmul_peaks(reps):
+  """fp32 matmul FLOP/s: torch.mm (MKL) and a jitted XLA dot, alternating."""
+  peaks = {}
+  for n in (2048, 4096):
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    xla_dot = jax.jit(jnp.matmul)
+    xla_dot(a, a).block_until_ready()
+    cands = {f'xla dot {n}': lambda: xla_dot(a, a).block_until_ready()}
+    if FLAGS.torch:
+      import torch  # pylint: disable=g-import-not-at-top
+      ta = torch.randn(n, n)
+      torch.mm(ta, ta)
+      cands[f'torch mm {n}'] = lambda: torch.mm(ta, ta)
+    times = alternate(cands, reps, 'peak')
+    for name, t in times.items():
+      rate = 2 * n ** 3 / float(np.median(t))
+      print(f'  {name}: {rate / 1e9:.0f} GFLOP/s')
+      kind = name.split()[0]
+      peaks[kind] = max(peaks.get(kind, 0.0), rate)
+  return peaks
+
+
+def options(ynn_conv: str) -> dict:
+  return {} if ynn_conv == 'on' else dict(NO_YNN_CONV)
+
+
+class Ours:
+  """Our jitted train step (one per WEIGHT_GRAD setting) and forward."""
+
+  def __init__(self, config, b):
+    self.b = b
+    self.mesh = parallel.create_mesh()
+    self.model, self.schedule = train.create_model_and_schedule(config)
+    optimizer = train_state.create_optimizer(config.optim)
+    self.images = jax.device_put(
+        jax.random.uniform(jax.random.key(1), (b, *train.image_shape(config)),
+                           minval=-1), parallel.batch_sharded(mesh=self.mesh))
+    self.state = train.init_train_state(config, self.model, optimizer,
+                                        self.mesh, jax.random.key(0))
+    self.steps, self.flops, self.memory = {}, {}, {}
+    variants = [(m, y) for m in FLAGS.weight_grad for y in FLAGS.ynn_conv]
+    if ('xla', 'on') not in variants:  # the plain port: the model's FLOPs
+      variants.append(('xla', 'on'))
+    for mode, ynn in variants:
+      name = f'{mode},ynn_conv={ynn}'
+      conv.WEIGHT_GRAD = mode  # read while tracing
+      # A new function each time: jit would reuse a trace of the same one.
+      step_fn = train.make_train_step(config, self.model, self.schedule,
+                                      optimizer)
+      t0 = time.perf_counter()
+      compiled = train.jit_train_step(step_fn, self.mesh).lower(
+          self.state, self.images).compile(compiler_options=options(ynn))
+      print(f'  compiled our step ({name}) in '
+            f'{time.perf_counter() - t0:.1f} s')
+      self.flops[name] = compiled.cost_analysis().get('flops', math.nan)
+      self.memory[name] = compiled.memory_analysis()
+      if mode in FLAGS.weight_grad and ynn in FLAGS.ynn_conv:
+        self.steps[name] = compiled
+    conv.WEIGHT_GRAD = 'auto'
+    self.t = jnp.full((b,), 500, jnp.int32)
+    self.fwds = {}
+    for ynn in FLAGS.ynn_conv:
+      fwd = jax.jit(lambda p, x, t: self.model.apply({'params': p}, x, t,
+                                                     train=False))
+      self.fwds[ynn] = fwd.lower(self.state.params, self.images,
+                                 self.t).compile(compiler_options=options(ynn))
+    self.fwd_flops = next(iter(self.fwds.values())).cost_analysis().get(
+        'flops', math.nan)
+
+  def step(self, mode):
+    def run():
+      self.state, metrics = self.steps[mode](self.state, self.images)
+      jax.block_until_ready(metrics)
+    run()
+    return run
+
+  def forward(self, ynn):
+    fwd = self.fwds[ynn]
+    run = lambda: fwd(self.state.params, self.images, self.t).block_until_ready()
+    run()
+    return run
+
+  def sampler(self, num_steps, ynn):
+    """T = num_steps ancestral steps in one jit (same loop body as T=1000)."""
+    config = cifar10_ddpm.get_config()
+    config.diffusion.num_timesteps = num_steps
+    schedule = schedules.schedule_from_config(config.diffusion)
+    model_fn_of = lambda p: (lambda x, t: self.model.apply(
+        {'params': p}, x, t, train=False))
+    sample = jax.jit(lambda p, x, rng: samplers.ddpm_sample(
+        model_fn_of(p), schedule, x, rng))
+    compiled = sample.lower(self.state.params, self.images,
+                            jax.random.key(2)).compile(
+                                compiler_options=options(ynn))
+    run = lambda: compiled(self.state.params, self.images,
+                           jax.random.key(2)).block_until_ready()
+    run()
+    return run
+
+
+class Theirs:
+  """diffusers UNet2DModel + torch Adam, as diffusers' training example."""
+
+  def __init__(self, b):
+    import diffusers  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+    self.torch = torch
+    torch.manual_seed(0)
+    self.model = diffusers.UNet2DModel(**CIFAR10_UNET, dropout=0.1)
+    self.params = [p for p in self.model.parameters()]
+    self.ema = [p.detach().clone() for p in self.params]
+    self.opt = torch.optim.Adam(self.params, lr=2e-4, foreach=True)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)
+    self.sqrt_abar = abar.sqrt().float()
+    self.sqrt_1m_abar = (1 - abar).sqrt().float()
+    self.images = torch.rand(b, 3, 32, 32) * 2 - 1
+    self.b = b
+
+  def step(self):
+    torch = self.torch
+    model = self.model.train()
+
+    def run():
+      x0 = self.images
+      t = torch.randint(0, 1000, (self.b,))
+      noise = torch.randn_like(x0)
+      x_t = (self.sqrt_abar[t].view(-1, 1, 1, 1) * x0 +
+             self.sqrt_1m_abar[t].view(-1, 1, 1, 1) * noise)
+      loss = torch.nn.functional.mse_loss(model(x_t, t).sample, noise)
+      self.opt.zero_grad(set_to_none=True)
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+      self.opt.step()
+      with torch.no_grad():
+        torch._foreach_lerp_(self.ema, self.params, 1 - 0.9999)  # pylint: disable=protected-access
+      return loss.item()
+    run()
+    return run
+
+  def forward(self):
+    torch = self.torch
+    model = self.model.eval()
+    t = torch.full((self.b,), 500)
+
+    def run():
+      with torch.inference_mode():
+        return model(self.images, t).sample
+    run()
+    return run
+
+
+def main(_):
+  if FLAGS.malloc == 'big':
+    set_big_heap(True)
+  import torch  # pylint: disable=g-import-not-at-top
+  print(f'{jax.device_count()} x {jax.devices()[0].platform}, '
+        f'{os.cpu_count()} CPUs, jax {jax.__version__}, torch '
+        f'{torch.__version__} ({torch.get_num_threads()} threads, '
+        f'OMP_WAIT_POLICY={os.environ["OMP_WAIT_POLICY"]}), '
+        f'malloc={FLAGS.malloc}, load {load()}')
+  peaks = matmul_peaks(3) if 'peaks' in FLAGS.what else {}
+  print('peaks (GFLOP/s): ' + ', '.join(f'{k} {v / 1e9:.0f}'
+                                        for k, v in peaks.items()))
+  config = cifar10_ddpm.get_config()
+  for b in map(int, FLAGS.batch_sizes):
+    print(f'\n== batch {b} ==')
+    ours = Ours(config, b)
+    theirs = Theirs(b) if FLAGS.torch else None
+    flops = ours.flops['xla,ynn_conv=on']
+    print(f'  model FLOPs (XLA cost analysis, XLA convs): '
+          f'{flops / b / 1e9:.1f} GFLOP/image train step, '
+          f'{ours.fwd_flops / b / 1e9:.1f} forward')
+    for mode, m in ours.memory.items():
+      print(f'  our step memory ({mode}): temp '
+            f'{m.temp_size_in_bytes / 2 ** 30:.2f} GiB, arguments '
+            f'{m.argument_size_in_bytes / 2 ** 30:.2f} GiB, output '
+            f'{m.output_size_in_bytes / 2 ** 30:.2f} GiB, aliased '
+            f'{m.alias_size_in_bytes / 2 ** 30:.2f} GiB')
+    if 'train' in FLAGS.what:
+      cands = {f'ours[{mode}]': ours.step(mode) for mode in ours.steps}
+      if theirs:
+        cands['diffusers+torch'] = theirs.step()
+      print('train step:')
+      times = time_cands(cands, FLAGS.reps, f'train b={b}')
+      ref = next((n for n in times if n.startswith('diffusers')), None)
+      summarize(times, b, flops, peaks, ref)
+    if 'forward' in FLAGS.what:
+      cands = {f'ours[ynn_conv={y}]': ours.forward(y) for y in FLAGS.ynn_conv}
+      if theirs:
+        cands['diffusers+torch'] = theirs.forward()
+      print('forward (eval):')
+      times = time_cands(cands, FLAGS.reps, f'fwd b={b}')
+      ref = next((n for n in times if n.startswith('diffusers')), None)
+      summarize(times, b, ours.fwd_flops, peaks, ref)
+    if 'sample' in FLAGS.what:
+      n, ynn = FLAGS.sample_steps, FLAGS.ynn_conv[-1]
+      fwd, loop = ours.forward(ynn), ours.sampler(n, ynn)
+      times = alternate({'forward': fwd, f'sampler x{n}': loop}, FLAGS.reps,
+                        f'sample b={b}')
+      per_step = np.asarray(times[f'sampler x{n}']) / n
+      overhead = median_ratio(per_step, times['forward']) - 1
+      print(f'sampling: {np.median(per_step):.3f} s/step vs forward '
+            f'{np.median(times["forward"]):.3f} s: loop overhead '
+            f'{overhead:+.1%} per step (ynn_conv={ynn})')
+    del ours, theirs
+  print(f'\npeak RSS of this process: '
+        f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} '
+        f'GB; load {load()}')
+
+
+if __name__ == '__main__':
+  app.run(main)
