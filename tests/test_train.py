@@ -103,7 +103,11 @@ IDDPM_CONDITIONAL = {'diffusion.loss': 'hybrid',
                      'model.num_classes': 10, 'grad_accum_steps': 2}
 
 
-@pytest.mark.parametrize('extra', [{}, IDDPM_CONDITIONAL],
+# The plain DDPM state resumes bitwise in tests/test_preemption.py (SIGKILL
+# at several points); this variant adds the loss history, labels and
+# gradient accumulation. The plain variant runs with the slow tests.
+@pytest.mark.parametrize('extra', [
+    pytest.param({}, marks=pytest.mark.slow), IDDPM_CONDITIONAL],
                          ids=['ddpm', 'iddpm_conditional'])
 def test_resume_gives_the_same_params_as_an_uninterrupted_run(tmp_path, extra):
   config = tiny_config(**{'num_train_steps': 6}, **extra)
