@@ -65,9 +65,7 @@ def load_config(module: str, overrides: dict, steps: int):
   config.num_train_steps = steps
   config.sample_every_steps = steps
   config.checkpoint_every_steps = steps
-  for key, value in overrides.items():
-    section, leaf = key.split('.')
-    config[section][leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

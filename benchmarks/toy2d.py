@@ -73,9 +73,7 @@ def make_config(overrides: dict, steps: int):
   config.optim.warmup_steps = 100
   config.optim.ema_decay = 0.995
   config.diffusion.clip_denoised = True  # the data lie in [-1, 1]
-  for key, value in overrides.items():
-    section, leaf = key.split('.')
-    config[section][leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

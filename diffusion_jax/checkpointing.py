@@ -71,8 +71,9 @@ class Checkpointer:
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state or {})), force=True)
 
-  def check_compatible(self, abstract_state, step: int) -> None:
-    """Fails naming the first tensor whose shape differs from this model."""
+  def check_compatible(self, abstract_state, step: int):
+    """Fails naming the first tensor whose shape differs from this model;
+    returns the checkpoint's state metadata tree."""
     try:
       meta = self._manager.item_metadata(step)['state']
     except Exception as e:  # pylint: disable=broad-except
@@ -98,19 +99,20 @@ class Checkpointer:
             f'{key} has shape {have[key][0]} in the checkpoint but '
             f'{want[key][0]} in this run. Use a new --workdir or the config '
             'that wrote it (config.json beside the checkpoints).')
+    return meta
 
   def restore(self, abstract_state, step: int | None = None):
     """Restores (state, data_state) onto the shardings of abstract_state."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f'no checkpoint in {self.directory}')
-    self.check_compatible(abstract_state, step)
+    meta = self.check_compatible(abstract_state, step)
     target = abstract_state
     # Train states gained an optional field (loss_history, None unless t is
     # importance-sampled); checkpoints written before it lack the key.
     # Restore those as a dict of the fields they have.
     legacy = (getattr(abstract_state, 'loss_history', 0) is None and
-              'loss_history' not in self._manager.item_metadata(step)['state'])
+              'loss_history' not in meta)
     if legacy:
       target = {k: v for k, v in vars(abstract_state).items()
                 if k != 'loss_history'}

@@ -169,10 +169,18 @@ def euler_maruyama_sample(model_fn: ModelFn, process: Process,
   check_sample_args(process, prediction, 'euler_maruyama', num_steps)
   if rng is None:
     raise ValueError('euler_maruyama_sample needs an rng')
-  denoise_fn = _denoiser(model_fn, process, prediction)
+  return _reverse_sde_sample(_denoiser(model_fn, process, prediction),
+                             process, num_steps, rng, z, denoise)
 
+
+def _reverse_sde_sample(denoise_fn, process: Process, num_steps: int, rng,
+                        z, denoise: bool, corrector=None):
+  """Euler-Maruyama predictor steps over the time grid from the prior,
+  each preceded by `corrector(x, i, t, t_next) -> x` when given (pc)."""
   def step(x, inputs):
     i, t, t_next = inputs
+    if corrector is not None:
+      x = corrector(x, i, t, t_next)
     return _predictor_step(denoise_fn, process, num_steps, rng, x, i, t,
                            t_next), None
 
@@ -226,8 +234,7 @@ def pc_sample(model_fn: ModelFn, process: Process, prediction: str,
   def per_sample_norm(a):
     return jnp.sqrt(jnp.sum(jnp.square(a.reshape(a.shape[0], -1)), axis=-1))
 
-  def step(x, inputs):
-    i, t, t_next = inputs
+  def correct(x, i, t, t_next):
     alpha_i = (process.alpha_sigma(t)[0] / process.alpha_sigma(t_next)[0]) ** 2
 
     def langevin(j, x):
@@ -242,14 +249,10 @@ def pc_sample(model_fn: ModelFn, process: Process, prediction: str,
       e = sde._bcast(e, x)  # pylint: disable=protected-access
       return x + e * score + jnp.sqrt(2.0 * e) * w
 
-    x = jax.lax.fori_loop(0, corrector_steps, langevin, x)
-    return _predictor_step(denoise_fn, process, num_steps, rng, x, i, t,
-                           t_next), None
+    return jax.lax.fori_loop(0, corrector_steps, langevin, x)
 
-  grid = jnp.asarray(time_grid(process, num_steps))
-  x = process.prior_std * z
-  x, _ = jax.lax.scan(step, x, (jnp.arange(num_steps), grid[:-1], grid[1:]))
-  return _finish(x, denoise_fn, process, denoise)
+  return _reverse_sde_sample(denoise_fn, process, num_steps, rng, z, denoise,
+                             corrector=correct)
 
 
 def sample(model_fn: ModelFn, process: Process, prediction: str,

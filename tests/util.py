@@ -22,10 +22,5 @@ def tiny_config(**overrides):
   config.sample.batch_size = 8
   config.optim.warmup_steps = 2
   config.data.prefetch = 0
-  for key, value in overrides.items():
-    *path, leaf = key.split('.')
-    node = config
-    for p in path:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)  # dotted keys, type-checked
   return config
