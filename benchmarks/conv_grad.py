@@ -8,8 +8,9 @@ alternating the candidates in each repetition so they share the machine's
 load:
   xla fwd / dx / dw   lax.conv_general_dilated and XLA's own gradients
   taps dw             diffusion_jax.models.conv.tap_weight_grad
+  chunks dw           diffusion_jax.models.conv.chunked_weight_grad
   xla fwd+grads       y and both gradients in one jit (what a train step does)
-  taps fwd+grads      the same through conv.conv2d (custom VJP)
+  taps / chunks fwd+grads   the same through conv.conv2d (custom VJP)
   torch fwd+grads     torch.nn.functional.conv2d forward + backward (NCHW)
 and prints medians with the load average. To time XLA's convolutions without
 YNNPACK (BENCHMARKS.md, issue 7), run it with
@@ -46,7 +47,8 @@ def make_candidates(b, size, cin, cout, k, s):
   pads = tuple(lax.padtype_to_pads((size, size), (k, k), (s, s), 'SAME'))
   xla = lambda x, w: lax.conv_general_dilated(x, w, (s, s), pads,
                                               dimension_numbers=NHWC)
-  taps = lambda x, w: conv.conv2d(x, w, (s, s), pads)
+  taps = lambda x, w: conv.conv2d(x, w, (s, s), pads, None, 'taps')
+  chunks = lambda x, w: conv.conv2d(x, w, (s, s), pads, None, 'chunks')
   g = jax.random.normal(keys[2], jax.eval_shape(xla, x, w).shape)
 
   def fwd_and_grads(fn):
@@ -63,8 +65,11 @@ def make_candidates(b, size, cin, cout, k, s):
                  (x, w, g)),
       'taps dw': (jax.jit(lambda x, g: conv.tap_weight_grad(
           x, g, (k, k), (s, s), pads)), (x, g)),
+      'chunks dw': (jax.jit(lambda x, w, g: conv.chunked_weight_grad(
+          x, w, g, (s, s), pads)), (x, w, g)),
       'xla fwd+grads': (fwd_and_grads(xla), (x, w, g)),
       'taps fwd+grads': (fwd_and_grads(taps), (x, w, g)),
+      'chunks fwd+grads': (fwd_and_grads(chunks), (x, w, g)),
   }
   try:
     import torch  # pylint: disable=g-import-not-at-top
@@ -90,8 +95,10 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--reps', type=int, default=9)
   parser.add_argument('--shapes', choices=('main', 'all'), default='main')
+  parser.add_argument('--batch', type=int, default=8)
   args = parser.parse_args()
   for shape in ALL if args.shapes == 'all' else [MAIN]:
+    shape = (args.batch, *shape[1:])
     b, size, cin, cout, k, s = shape
     flop = 2 * b * (size // s) ** 2 * k * k * cin * cout
     cands = make_candidates(*shape)

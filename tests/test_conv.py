@@ -1,9 +1,11 @@
-"""The per-tap weight-gradient convolution equals lax.conv_general_dilated.
+"""The custom-gradient convolution equals lax.conv_general_dilated.
 
-Values and both gradients are compared in float64 (differences are then
-summation order only) on small shapes covering every case the U-Net uses:
-3x3 'SAME' at stride 1 and 2 (TensorFlow's (0, 1) padding), 1x1 shortcuts,
-non-square images and explicit asymmetric padding.
+Values and both gradients, with the weight gradient per tap and in batch
+chunks (one image per chunk, and chunks of 2 leaving a remainder), are
+compared in float64 (differences are then summation order only) on small
+shapes covering every case the U-Net uses: 3x3 'SAME' at stride 1 and 2
+(TensorFlow's (0, 1) padding), 1x1 shortcuts, non-square images and explicit
+asymmetric padding.
 """
 
 import flax.linen as nn
@@ -32,11 +34,27 @@ def _random(shape, seed):
   return jax.random.normal(jax.random.key(seed), shape, jnp.float64)
 
 
+def _one_chunk_of(images, x_shape, k_hw, cout, strides, padding):
+  """MAX_CHUNK_ELEMENTS giving chunks of `images` images for this case."""
+  out = jax.eval_shape(lambda x, w: lax.conv_general_dilated(
+      x, w, strides, padding, dimension_numbers=NHWC),
+                       jax.ShapeDtypeStruct(x_shape, jnp.float32),
+                       jax.ShapeDtypeStruct((*k_hw, x_shape[-1], cout),
+                                            jnp.float32)).shape
+  return images * out[1] * out[2] * out[3]
+
+
+@pytest.mark.parametrize('method, images_per_chunk',
+                         [('taps', None), ('chunks', 1), ('chunks', 2)])
 @pytest.mark.parametrize('x_shape, k_hw, cout, strides, padding', CASES)
-def test_value_and_gradients_equal_lax(x_shape, k_hw, cout, strides, padding):
+def test_value_and_gradients_equal_lax(x_shape, k_hw, cout, strides, padding,
+                                       method, images_per_chunk, monkeypatch):
   pads = padding if not isinstance(padding, str) else tuple(
       lax.padtype_to_pads(x_shape[1:3], k_hw, strides, padding))
-  ours = lambda x, w: conv.conv2d(x, w, strides, pads)
+  if images_per_chunk:
+    monkeypatch.setattr(conv, 'MAX_CHUNK_ELEMENTS', _one_chunk_of(
+        images_per_chunk, x_shape, k_hw, cout, strides, padding))
+  ours = lambda x, w: conv.conv2d(x, w, strides, pads, None, method)
   theirs = lambda x, w: lax.conv_general_dilated(x, w, strides, padding,
                                                  dimension_numbers=NHWC)
 
@@ -58,21 +76,25 @@ def test_value_and_gradients_equal_lax(x_shape, k_hw, cout, strides, padding):
       np.testing.assert_allclose(g, h, rtol=1e-10, atol=1e-10)
 
 
-def test_float32_weight_gradient_close_to_lax():
+def test_float32_weight_gradient_close_to_lax(monkeypatch):
   x = jax.random.normal(jax.random.key(0), (4, 16, 16, 32))
   w = jax.random.normal(jax.random.key(1), (3, 3, 32, 32)) * 0.1
   g = jax.random.normal(jax.random.key(2), (4, 16, 16, 32))
+  pads = ((1, 1), (1, 1))
   want = jax.vjp(lambda w: lax.conv_general_dilated(
       x, w, (1, 1), 'SAME', dimension_numbers=NHWC), w)[1](g)[0]
-  got = conv.tap_weight_grad(x, g, (3, 3), (1, 1), ((1, 1), (1, 1)))
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(
-      jnp.abs(want).max()))
+  monkeypatch.setattr(conv, 'MAX_CHUNK_ELEMENTS', 16 * 16 * 32)  # 4 chunks
+  for got in (conv.tap_weight_grad(x, g, (3, 3), (1, 1), pads),
+              conv.chunked_weight_grad(x, w, g, (1, 1), pads)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(
+        jnp.abs(want).max()))
 
 
 def test_flax_conv_same_params_and_outputs(monkeypatch):
   """nn.Conv(conv_general_dilated=conv.conv_general_dilated) is nn.Conv:
   same parameter tree, same output, gradients equal up to float32
-  summation order; the switch reaches the per-tap path or plain lax."""
+  summation order; the switch reaches the per-tap path, the chunked one or
+  plain lax."""
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
   plain = nn.Conv(8, (3, 3), strides=(2, 2), padding='SAME')
   ours = nn.Conv(8, (3, 3), strides=(2, 2), padding='SAME',
@@ -82,31 +104,42 @@ def test_flax_conv_same_params_and_outputs(monkeypatch):
       jax.tree.map(jnp.shape, params)
   grad = lambda m: jax.grad(lambda p: jnp.sum(m.apply(p, x) ** 2))(params)
   want = grad(plain)
-  for mode in ('taps', 'xla', 'auto'):
+  monkeypatch.setattr(conv, 'MAX_CHUNK_ELEMENTS', 4 * 4 * 8)  # 1 image
+  for mode in ('taps', 'chunks', 'xla', 'auto'):
     monkeypatch.setattr(conv, 'WEIGHT_GRAD', mode)
     np.testing.assert_allclose(ours.apply(params, x), plain.apply(params, x),
                                rtol=1e-6, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                          atol=1e-5),
                  grad(ours), want)
-  # The per-tap path shows up as one dot_general per tap in the backward.
-  count_dots = lambda: str(jax.make_jaxpr(lambda: grad(ours))()).count(
-      'dot_general')
+  # The per-tap path shows up as one dot_general per tap in the backward,
+  # the chunked one as one weight-gradient convolution per image.
+  count = lambda op: str(jax.make_jaxpr(lambda: grad(ours))()).count(op)
   monkeypatch.setattr(conv, 'WEIGHT_GRAD', 'taps')
-  assert count_dots() == 9
+  assert count('dot_general') == 9
+  taps_convs = count('conv_general_dilated')
+  monkeypatch.setattr(conv, 'WEIGHT_GRAD', 'chunks')
+  assert count('dot_general') == 0
+  assert count('conv_general_dilated') == taps_convs + 2
   monkeypatch.setattr(conv, 'WEIGHT_GRAD', 'xla')
-  assert count_dots() == 0
+  assert count('dot_general') == 0
   monkeypatch.setattr(conv, 'WEIGHT_GRAD', 'bogus')
   with pytest.raises(ValueError, match='WEIGHT_GRAD'):
     ours.apply(params, x)
 
 
-def test_auto_uses_taps_on_cpu_only(monkeypatch):
+def test_auto_customises_on_cpu_only(monkeypatch):
   monkeypatch.setattr(conv, 'WEIGHT_GRAD', 'auto')
   monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
-  assert not conv.use_tap_weight_grad()
+  assert conv.weight_grad_method((3, 3), (32, 32), 128, 8) == 'xla'
+  assert conv.weight_grad_method((1, 1), (32, 32), 128, 8) == 'xla'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
-  assert conv.use_tap_weight_grad()
+  # 32x32 x 128 channels: 2 images per chunk.
+  assert conv.chunk_size((32, 32), 128) == 2
+  assert conv.weight_grad_method((3, 3), (32, 32), 128, 8) == 'chunks'
+  assert conv.weight_grad_method((3, 3), (32, 32), 128, 2) == 'xla'
+  assert conv.weight_grad_method((3, 3), (4, 4), 256, 32) == 'xla'
+  assert conv.weight_grad_method((1, 1), (32, 32), 128, 8) == 'taps'
 
 
 def test_unsupported_cases_fall_back_to_lax():

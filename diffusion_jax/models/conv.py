@@ -1,25 +1,33 @@
-"""2-D convolution whose weight gradient is a sum of per-tap matmuls on CPU.
+"""2-D convolution with a faster weight gradient on XLA:CPU.
 
-Why: on XLA:CPU the weight gradient of a convolution (lowered to a
-convolution with batch and feature roles swapped and a kernel as large as the
-image) runs at a fraction of the speed of the forward pass and the input
-gradient, and it was the largest item of the paper U-Net's train step
-(benchmarks/profile_step.py). Written as k*k ordinary matmuls, one per tap,
+Why: on XLA:CPU (jaxlib 0.10, convolutions run by YNNPACK) the weight
+gradient of a convolution -- one convolution contracting over all of
+(N, Ho, Wo), with a kernel as large as the image -- ran at 50-75 GFLOP/s for
+the paper U-Net's 32x32 layers at batch 8, against 240-280 GFLOP/s for the
+forward pass and the input gradient, and it was the largest item of the
+train step (benchmarks/profile_step.py). Two reformulations of
 
     dW[i, j] = sum over (n, h, w) of x_pad[n, s*h + i, s*w + j, :]^T g[n, h, w, :]
 
-it measured 1.2-1.5x faster for 3x3 kernels at 32x32 and 4-6x for 1x1
-kernels (benchmarks/conv_grad.py), and the whole train step 1.15x faster
-(benchmarks/vs_diffusers.py). The forward pass and the input gradient stay
-XLA's own.
+are here:
+
+  'chunks': the same sum cut into batch chunks, each XLA's own weight-gradient
+      convolution. XLA's is fast while the output gradient of one call holds
+      at most MAX_CHUNK_ELEMENTS (2^18) elements, so a chunk has that many
+      (at least one image): 170-220 GFLOP/s for every 3x3 layer of the U-Net
+      at batch 8 and 32 (benchmarks/conv_grad.py).
+  'taps': k*k ordinary matmuls, one per tap (tap_weight_grad). 4-6x faster
+      than XLA's for 1x1 kernels (one matmul); for 3x3 kernels 1.2-1.5x, but
+      below 'chunks', which replaced it there.
 
 TPUs and GPUs have fast native weight-gradient convolutions, so by default
-(`WEIGHT_GRAD = 'auto'`) the per-tap gradient is used only when the default
-backend is the CPU, and there only where it measured faster: 1x1 kernels (4-5x)
-and outputs of at least MIN_TAP_OUTPUT_PIXELS positions per image (32x32: about
-1.2-1.5x); at 16x16 and below XLA's own was faster. Set WEIGHT_GRAD to 'taps'
-or 'xla' to force one everywhere (read at trace time: set it before the first
-jit of the model).
+(`WEIGHT_GRAD = 'auto'`) the custom gradient is used only when the default
+backend is the CPU: 'taps' for 1x1 kernels, 'chunks' for larger ones when the
+batch spans more than one chunk, XLA's own otherwise. Set WEIGHT_GRAD to
+'chunks', 'taps' or 'xla' to force one everywhere (read at trace time: set it
+before the first jit of the model). The forward pass and the input gradient
+are always XLA's own; values and gradients equal lax.conv_general_dilated's
+up to summation order (tests/test_conv.py).
 
 `conv_general_dilated` has the signature of `lax.conv_general_dilated` and is
 passed to `flax.linen.Conv(conv_general_dilated=...)`: parameter names, shapes
@@ -35,28 +43,35 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-WEIGHT_GRAD = 'auto'  # 'auto' (per-tap on CPU where it pays), 'taps', 'xla'.
-MIN_TAP_OUTPUT_PIXELS = 32 * 32
-# 'auto' keeps XLA's gradient above this batch (the traced, global batch):
-# at batch 32 the per-tap form measured no faster and doubled the step's
-# temporary memory (BENCHMARKS.md, issue 7).
-MAX_TAP_BATCH = 8
+WEIGHT_GRAD = 'auto'  # 'auto', 'chunks', 'taps' or 'xla' (module docstring).
+# 'chunks': the batch is cut so that one chunk's output gradient has at most
+# this many elements (positions x output channels): 1 MiB of float32, where
+# XLA:CPU's weight-gradient convolution measured fast (benchmarks/conv_grad.py).
+MAX_CHUNK_ELEMENTS = 2 ** 18
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
+_METHODS = ('auto', 'chunks', 'taps', 'xla')
 
 
-def use_tap_weight_grad(kernel_hw=(3, 3), output_hw=(32, 32),
-                        batch: int = 8) -> bool:
-  """Whether a convolution traced now gets the per-tap weight gradient."""
-  if WEIGHT_GRAD not in ('auto', 'taps', 'xla'):
-    raise ValueError(f"conv.WEIGHT_GRAD must be 'auto', 'taps' or 'xla', got "
+def chunk_size(output_hw, cout: int) -> int:
+  """Images per chunk of the chunked weight gradient (at least one)."""
+  return max(1, MAX_CHUNK_ELEMENTS // (output_hw[0] * output_hw[1] * cout))
+
+
+def weight_grad_method(kernel_hw=(3, 3), output_hw=(32, 32), cout: int = 128,
+                       batch: int = 8) -> str:
+  """How a convolution traced now computes its weight gradient: 'xla'
+  (XLA's own), 'chunks' or 'taps' (module docstring)."""
+  if WEIGHT_GRAD not in _METHODS:
+    raise ValueError(f'conv.WEIGHT_GRAD must be one of {_METHODS}, got '
                      f'{WEIGHT_GRAD!r}')
-  if WEIGHT_GRAD == 'auto':
-    pays = (tuple(kernel_hw) == (1, 1) or
-            output_hw[0] * output_hw[1] >= MIN_TAP_OUTPUT_PIXELS)
-    return (pays and batch <= MAX_TAP_BATCH and
-            jax.default_backend() == 'cpu')
-  return WEIGHT_GRAD == 'taps'
+  if WEIGHT_GRAD != 'auto':
+    return WEIGHT_GRAD
+  if jax.default_backend() != 'cpu':
+    return 'xla'
+  if tuple(kernel_hw) == (1, 1):
+    return 'taps'  # one matmul
+  return 'chunks' if batch > chunk_size(output_hw, cout) else 'xla'
 
 
 def _is_nhwc(dimension_numbers) -> bool:
@@ -73,14 +88,14 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None,
                          feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None):
-  """lax.conv_general_dilated, with the per-tap weight gradient when it
+  """lax.conv_general_dilated, with the custom weight gradient where it
   applies (see the module docstring)."""
-  use_taps = (lhs.ndim == 4 and _is_nhwc(dimension_numbers)
-              and all(d == 1 for d in (lhs_dilation or (1, 1)))
-              and all(d == 1 for d in (rhs_dilation or (1, 1)))
-              and feature_group_count == 1 and batch_group_count == 1
-              and preferred_element_type is None)
-  if use_taps:
+  custom = (lhs.ndim == 4 and _is_nhwc(dimension_numbers)
+            and all(d == 1 for d in (lhs_dilation or (1, 1)))
+            and all(d == 1 for d in (rhs_dilation or (1, 1)))
+            and feature_group_count == 1 and batch_group_count == 1
+            and preferred_element_type is None)
+  if custom:
     strides = tuple(int(s) for s in window_strides)
     if isinstance(padding, str):
       padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides,
@@ -88,15 +103,17 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     out_hw = [(n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in
               zip(lhs.shape[1:3], pads, rhs.shape[:2], strides)]
-    use_taps = use_tap_weight_grad(rhs.shape[:2], out_hw, lhs.shape[0])
-  if not use_taps:
+    method = weight_grad_method(rhs.shape[:2], out_hw, rhs.shape[3],
+                                lhs.shape[0])
+    custom = method != 'xla'
+  if not custom:
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
         feature_group_count=feature_group_count,
         batch_group_count=batch_group_count, precision=precision,
         preferred_element_type=preferred_element_type)
-  return conv2d(lhs, rhs, strides, pads, precision)
+  return conv2d(lhs, rhs, strides, pads, precision, method)
 
 
 def _conv(x, w, strides, pads, precision):
@@ -104,15 +121,38 @@ def _conv(x, w, strides, pads, precision):
                                   precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int],
-           pads: Sequence[tuple[int, int]], precision=None) -> jax.Array:
-  """NHWC x HWIO convolution; its weight gradient is k*k matmuls."""
+           pads: Sequence[tuple[int, int]], precision=None,
+           method: str = 'chunks') -> jax.Array:
+  """NHWC x HWIO convolution whose weight gradient is computed by `method`:
+  'chunks' (chunked_weight_grad) or 'taps' (tap_weight_grad)."""
   return _conv(x, w, strides, pads, precision)
 
 
-def _conv2d_fwd(x, w, strides, pads, precision):
+def _conv2d_fwd(x, w, strides, pads, precision, method):
   return _conv(x, w, strides, pads, precision), (x, w)
+
+
+def chunked_weight_grad(x, w, g, strides, pads, precision=None):
+  """d(loss)/d(kernel) as a sum of XLA's weight gradients over batch chunks.
+
+  XLA:CPU's weight-gradient convolution contracts over all of
+  (N, Ho, Wo) at once and ran at 50-75 GFLOP/s once that reduction is large
+  (the 32x32 convolutions of the paper U-Net at batch 8), but at 170-220
+  GFLOP/s on chunks whose output gradient holds <= MAX_CHUNK_ELEMENTS
+  (benchmarks/conv_grad.py): the same sum, cut into pieces of chunk_size()
+  images, each XLA's own convolution.
+  """
+  per = chunk_size(g.shape[1:3], g.shape[3])
+  total = None
+  for i in range(0, x.shape[0], per):
+    x_i = x[i:i + per]
+    (dw,) = jax.linear_transpose(
+        lambda w_, x_i=x_i: _conv(x_i, w_, strides, pads, precision),
+        w)(g[i:i + per])
+    total = dw if total is None else total + dw
+  return total
 
 
 def tap_weight_grad(x, g, kernel_hw, strides, pads, precision=None):
@@ -141,6 +181,9 @@ def tap_weight_grad(x, g, kernel_hw, strides, pads, precision=None):
     g_flat = g_flat.reshape(rows, cout)
     x_flat = jnp.pad(xp.reshape(rows, cin),
                      ((0, (kh - 1) * wp + kw - 1), (0, 0)))
+    # Without the barrier XLA fuses x's producer (GroupNorm, swish) into
+    # every tap's slice and recomputes it k*k times.
+    x_flat, g_flat = lax.optimization_barrier((x_flat, g_flat))
     taps = [contract(lax.slice_in_dim(x_flat, i * wp + j, i * wp + j + rows),
                      g_flat) for i in range(kh) for j in range(kw)]
   else:
@@ -155,12 +198,15 @@ def tap_weight_grad(x, g, kernel_hw, strides, pads, precision=None):
   return jnp.stack(taps).reshape(kh, kw, cin, cout)
 
 
-def _conv2d_bwd(strides, pads, precision, res, g):
+def _conv2d_bwd(strides, pads, precision, method, res, g):
   x, w = res
   # XLA's own input gradient (a transposed convolution; fast on every backend).
-  _, input_vjp = jax.vjp(lambda x_: _conv(x_, w, strides, pads, precision), x)
-  (dx,) = input_vjp(g)
-  dw = tap_weight_grad(x, g, w.shape[:2], strides, pads, precision)
+  (dx,) = jax.linear_transpose(
+      lambda x_: _conv(x_, w, strides, pads, precision), x)(g)
+  if method == 'taps':
+    dw = tap_weight_grad(x, g, w.shape[:2], strides, pads, precision)
+  else:
+    dw = chunked_weight_grad(x, w, g, strides, pads, precision)
   return dx, dw.astype(w.dtype)
 
 
