@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from configs import cifar10_ddpm
-from diffusion_jax import parallel, train
+from diffusion_jax import host_malloc, parallel, train
 from diffusion_jax.models import conv
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -43,6 +43,8 @@ flags.DEFINE_integer('top', 30, 'Ops to list.')
 flags.DEFINE_string('dump_hlo', None, 'Write the optimised HLO text here.')
 flags.DEFINE_enum('ynn_conv', 'on', ['on', 'off'],
                   'off: compile with NO_YNN_CONV.')
+flags.DEFINE_bool('cpu_big_heap', True,
+                  'As main.py: diffusion_jax/host_malloc.py on the CPU.')
 FLAGS = flags.FLAGS
 
 # XLA:CPU (jaxlib 0.10) hands convolutions to YNNPACK by default. Keeping it
@@ -69,10 +71,14 @@ def category(name: str, ops) -> str:
   """What a thunk does, from its JAX op_name: conv forward / input grad /
   weight grad, dots, or the last JAX op of an elementwise fusion."""
   shape, op = ops.get(name, ('', ''))
+  # A kernel-shaped result ([Cin, kh, kw, Cout] or [kh, kw, Cin, Cout]) is a
+  # weight gradient, XLA's (no metadata) or conv.chunked_weight_grad's.
+  kernel_shaped = re.match(
+      r'\w+\[(\d+,[13],[13],\d+|[13],[13],\d+,\d+)\]', shape)
+  if kernel_shaped and (not op or 'conv_general_dilated' in op):
+    return 'conv weight grad'
   if 'conv_general_dilated' in op:
     return 'conv input grad' if 'transpose(' in op else 'conv forward'
-  if re.match(r'f32\[\d+,\d,\d,\d+\]', shape) and not op:
-    return 'conv weight grad (XLA)'  # [Cin, kh, kw, Cout], no metadata
   if 'dot_general' in op:
     return 'dot (taps / dense / attention)'
   if not op:
@@ -81,6 +87,8 @@ def category(name: str, ops) -> str:
 
 
 def main(_):
+  if FLAGS.cpu_big_heap and jax.default_backend() == 'cpu':
+    host_malloc.keep_large_buffers()
   config = cifar10_ddpm.get_config()
   conv.WEIGHT_GRAD = FLAGS.weight_grad
   mesh = parallel.create_mesh()

@@ -22,11 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from diffusion_jax import parallel, train
+from diffusion_jax import host_malloc, parallel, train
 
 config_flags.DEFINE_config_file('config', 'configs/cifar10_ddpm.py', 'Config.')
 flags.DEFINE_integer('batch_size', 8, 'Global batch size.')
 flags.DEFINE_integer('steps', 5, 'Timed steps (after one warm-up step).')
+flags.DEFINE_bool('cpu_big_heap', True,
+                  'As main.py: diffusion_jax/host_malloc.py on the CPU.')
 FLAGS = flags.FLAGS
 
 
@@ -41,6 +43,8 @@ def timed(fn, n):
 
 
 def main(_):
+  if FLAGS.cpu_big_heap and jax.default_backend() == 'cpu':
+    host_malloc.keep_large_buffers()
   config = FLAGS.config
   mesh = parallel.create_mesh()
   b = FLAGS.batch_size

@@ -22,8 +22,9 @@ What it prints, per batch size:
   sampling     one step of ddpm_sample's lax.scan (T steps in one jit) vs a
                bare jitted forward at the same batch: the loop's overhead.
   memory       XLA's memory analysis of our compiled step; peak RSS.
---malloc=big raises glibc's mmap threshold first, --malloc=ab times every
-candidate both ways (see --help and BENCHMARKS.md, issue 7).
+--malloc=big (the default, as main.py on CPU) raises glibc's mmap threshold
+first, for both frameworks; --malloc=ab times every candidate both ways (see
+--help, diffusion_jax/host_malloc.py and BENCHMARKS.md, issue 7).
 
 OMP_WAIT_POLICY=PASSIVE is set for torch's OpenMP threads unless already set:
 with the default (spinning) policy, diffusers' forward took 4.0 s instead of
@@ -33,7 +34,6 @@ thread pool does not suffer this way, so spinning would make the comparison
 unfair to torch on a shared machine.
 """
 
-import ctypes
 import math
 import os
 
@@ -51,7 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import cifar10_ddpm
-from diffusion_jax import parallel, samplers, schedules, train, train_state
+from diffusion_jax import (host_malloc, parallel, samplers, schedules, train,
+                           train_state)
 from diffusion_jax.models import conv
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -59,7 +60,8 @@ flags.DEFINE_list('batch_sizes', ['8', '32'], 'Batch sizes.')
 flags.DEFINE_integer('reps', 5, 'Timed repetitions of each candidate.')
 flags.DEFINE_list('weight_grad', ['auto'],
                   'conv.WEIGHT_GRAD settings to compile our step with '
-                  '(xla = the plain port, auto = per-tap on CPU).')
+                  '(xla = the plain port, auto = the default: chunked on '
+                  'CPU, see models/conv.py).')
 flags.DEFINE_list('ynn_conv', ['on'],
                   'on: XLA:CPU default (YNNPACK convolutions); off: compile '
                   'with NO_YNN_CONV (YNNPACK for dots only). '
@@ -67,11 +69,12 @@ flags.DEFINE_list('ynn_conv', ['on'],
 flags.DEFINE_list('what', ['peaks', 'train', 'forward', 'sample'],
                   'Parts to run.')
 flags.DEFINE_integer('sample_steps', 20, 'T of the timed sampling loop.')
-flags.DEFINE_enum('malloc', 'default', ['default', 'big', 'ab'],
-                  'big: glibc mallopt(M_MMAP_THRESHOLD=1 GiB, no trimming) '
-                  'so that large buffers are reused instead of mmap-ed and '
-                  'page-faulted on every call; ab: alternate both settings '
-                  'for every candidate.')
+flags.DEFINE_enum('malloc', 'big', ['default', 'big', 'ab'],
+                  'big (what main.py does on CPU): glibc '
+                  'mallopt(M_MMAP_THRESHOLD=1 GiB, no trimming) so that large '
+                  'buffers are reused instead of mmap-ed and page-faulted on '
+                  'every call (diffusion_jax/host_malloc.py); default: '
+                  "glibc's own; ab: alternate both for every candidate.")
 flags.DEFINE_bool('torch', True, 'Include diffusers + torch.')
 FLAGS = flags.FLAGS
 
@@ -94,26 +97,6 @@ CIFAR10_UNET = dict(
     norm_num_groups=32, out_channels=3, sample_size=32,
     time_embedding_type='positional',
     up_block_types=['UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'])
-
-_LIBC = ctypes.CDLL('libc.so.6')
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def set_big_heap(on: bool) -> None:
-  """glibc malloc: serve big buffers from the heap and keep freed memory.
-
-  By default glibc mmaps every block above a threshold that adapts up to
-  32 MiB and unmaps it on free, so each call of a compiled step that
-  allocates a larger temporary pays first-touch page faults on all of it.
-  """
-  if on:
-    _LIBC.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(2 ** 30))
-    _LIBC.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2 ** 31 - 1))
-  else:  # glibc's defaults.
-    _LIBC.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(128 * 1024))
-    _LIBC.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(128 * 1024))
-    _LIBC.malloc_trim(0)
-
 
 def load() -> str:
   return '/'.join(f'{x:.1f}' for x in os.getloadavg())
@@ -148,7 +131,7 @@ def with_malloc_variants(cands: dict) -> dict:
   for name, fn in cands.items():
     for on in (False, True):
       def run(fn=fn, on=on):
-        set_big_heap(on)
+        host_malloc.keep_large_buffers(on)
         fn()  # untimed: lets the allocator settle in this mode
         t0 = time.perf_counter()
         fn()
@@ -340,7 +323,7 @@ class Theirs:
 
 def main(_):
   if FLAGS.malloc == 'big':
-    set_big_heap(True)
+    host_malloc.keep_large_buffers(True)
   import torch  # pylint: disable=g-import-not-at-top
   print(f'{jax.device_count()} x {jax.devices()[0].platform}, '
         f'{os.cpu_count()} CPUs, jax {jax.__version__}, torch '

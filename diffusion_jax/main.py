@@ -29,6 +29,10 @@ flags.DEFINE_string('coordinator_address', None,
                     'run (GPU clusters without SLURM, CPU tests).')
 flags.DEFINE_integer('num_processes', None, 'With --coordinator_address.')
 flags.DEFINE_integer('process_id', None, 'With --coordinator_address.')
+flags.DEFINE_bool('cpu_big_heap', True,
+                  'On the CPU backend, keep large buffers in the malloc heap '
+                  'between steps (diffusion_jax/host_malloc.py; 1.1-1.4x '
+                  'faster steps, the process keeps its peak memory).')
 
 
 class _QuietLibraries:
@@ -64,7 +68,11 @@ def main(argv):
   # Imported here so --help stays fast and XLA_FLAGS set by the caller apply.
   import jax  # pylint: disable=g-import-not-at-top
   initialize_distributed(jax)
-  from diffusion_jax import evaluate, generate, train  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import evaluate, generate, host_malloc, train  # pylint: disable=g-import-not-at-top
+
+  if FLAGS.cpu_big_heap and jax.default_backend() == 'cpu':
+    if not host_malloc.keep_large_buffers():
+      logging.info('No glibc mallopt here: malloc left at its defaults.')
 
   logging.info('JAX %s, process %d/%d, devices: %s', jax.__version__,
                jax.process_index(), jax.process_count(), jax.devices())
