@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models import conv as conv_lib
+from diffusion_jax.models.group_norm import GroupNorm
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int) -> jax.Array:
@@ -64,11 +65,11 @@ class ResnetBlock(nn.Module):
     conv = lambda ch, k, name, **kw: Conv(
         ch, (k, k), padding='SAME', dtype=self.dtype, name=name,
         kernel_init=kw.pop('kernel_init', _default_init))
-    h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name='norm1')(x)
+    h = GroupNorm(self.num_groups, dtype=self.dtype, name='norm1')(x)
     h = conv(self.out_ch, 3, 'conv1')(nn.swish(h))
     h += nn.Dense(self.out_ch, dtype=self.dtype, kernel_init=_default_init,
                   name='time_emb_proj')(nn.swish(temb))[:, None, None, :]
-    h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name='norm2')(h)
+    h = GroupNorm(self.num_groups, dtype=self.dtype, name='norm2')(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.swish(h))
     h = conv(self.out_ch, 3, 'conv2', kernel_init=_zero_init_last())(h)
     if x.shape[-1] != self.out_ch:
@@ -84,7 +85,7 @@ class AttentionBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     b, hgt, wid, c = x.shape
-    h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name='group_norm')(x)
+    h = GroupNorm(self.num_groups, dtype=self.dtype, name='group_norm')(x)
     h = h.reshape(b, hgt * wid, c)
     dense = lambda name, **kw: nn.Dense(c, dtype=self.dtype, name=name,
                                         kernel_init=kw.get('init', _default_init))
@@ -215,7 +216,7 @@ class UNet(nn.Module):
         h = Upsample(self.dtype, name=f'{prefix}_upsamplers_0')(h)
     assert not skips
 
-    h = nn.swish(nn.GroupNorm(self.num_groups, dtype=self.dtype,
+    h = nn.swish(GroupNorm(self.num_groups, dtype=self.dtype,
                               name='conv_norm_out')(h))
     h = Conv(self.out_channels, (3, 3), padding='SAME', dtype=self.dtype,
              kernel_init=_zero_init_last(), name='conv_out')(h)
