@@ -47,13 +47,7 @@ flags.DEFINE_bool('cpu_big_heap', True,
                   'As main.py: diffusion_jax/host_malloc.py on the CPU.')
 FLAGS = flags.FLAGS
 
-# XLA:CPU (jaxlib 0.10) hands convolutions to YNNPACK by default. Keeping it
-# for dots only (the value replaces the default list) made a single 3x3 conv's
-# forward + gradients 2x faster in benchmarks/conv_grad.py, but the whole
-# train step no faster (BENCHMARKS.md, issue 7): an experiment, not a default.
-NO_YNN_CONV = {
-    'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT',
-}
+NO_YNN_CONV = conv.NO_YNN_CONV  # see models/conv.py
 
 
 def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:

@@ -78,13 +78,7 @@ flags.DEFINE_enum('malloc', 'big', ['default', 'big', 'ab'],
 flags.DEFINE_bool('torch', True, 'Include diffusers + torch.')
 FLAGS = flags.FLAGS
 
-# XLA:CPU (jaxlib 0.10) hands convolutions to YNNPACK by default. Keeping it
-# for dots only (the value replaces the default list) made a single 3x3 conv's
-# forward + gradients 2x faster in benchmarks/conv_grad.py, but the whole
-# train step no faster (BENCHMARKS.md, issue 7): an experiment, not a default.
-NO_YNN_CONV = {
-    'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT',
-}
+NO_YNN_CONV = conv.NO_YNN_CONV  # see models/conv.py
 
 # google/ddpm-cifar10-32's UNet2DModel config (as tests/test_convert_diffusers).
 CIFAR10_UNET = dict(

@@ -31,6 +31,7 @@ import tqdm
 from diffusion_jax import generate, input_pipeline, likelihood, losses
 from diffusion_jax import parallel
 from diffusion_jax import sample_metrics, train
+from diffusion_jax.models import conv
 
 # Keeps the eval noise apart from the training (fold 0/1) and sampling
 # (1000 + i) streams of the same seed.
@@ -58,7 +59,8 @@ def make_eval_step(config, model, schedule, mesh):
   batch = parallel.batch_sharded(mesh)
   return jax.jit(step, in_shardings=(parallel.replicated(mesh), batch, batch,
                                      None),
-                 out_shardings=parallel.replicated(mesh))
+                 out_shardings=parallel.replicated(mesh),
+                 compiler_options=conv.inference_compiler_options())
 
 
 def summarize(sums: dict, num_timesteps: int) -> dict:

@@ -32,6 +32,7 @@ import tqdm
 from diffusion_jax import checkpointing, guidance, input_pipeline, losses
 from diffusion_jax import models, parallel, samplers, schedules, sde
 from diffusion_jax import sde_samplers, visualization
+from diffusion_jax.models import conv
 from diffusion_jax.train_state import (TrainState, create_optimizer,
                                        create_train_state, ema_update,
                                        learning_rate_schedule)
@@ -424,7 +425,8 @@ def make_sample_fn(config, model, schedule, mesh, x0_at=()):
   batch = parallel.batch_sharded(mesh)
   out = (batch, NamedSharding(mesh, P(None, parallel.DATA_AXIS))) if x0_at else batch
   return jax.jit(sample, in_shardings=(parallel.replicated(mesh), batch, None),
-                 out_shardings=out)
+                 out_shardings=out,
+                 compiler_options=conv.inference_compiler_options())
 
 
 def sample_noise(config, num: int, seed_offset: int, mesh) -> jax.Array:

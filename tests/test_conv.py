@@ -150,3 +150,21 @@ def test_unsupported_cases_fall_back_to_lax():
   np.testing.assert_array_equal(
       conv.conv_general_dilated(x, w, (1, 1), 'SAME', **kw),
       lax.conv_general_dilated(x, w, (1, 1), 'SAME', **kw))
+
+
+def test_inference_compiler_options_on_cpu_only(monkeypatch):
+  """Forward-only jits skip YNNPACK convolutions on CPU (faster there); the
+  options compile and give the same forward as the default."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert conv.inference_compiler_options() == {}
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
+  assert conv.inference_compiler_options() == conv.NO_YNN_CONV
+  monkeypatch.setattr(conv, 'INFERENCE_YNN_CONV', True)
+  assert conv.inference_compiler_options() == {}
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 16, 16))
+  f = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                            dimension_numbers=NHWC)
+  np.testing.assert_allclose(
+      jax.jit(f, compiler_options=conv.NO_YNN_CONV)(x, w), jax.jit(f)(x, w),
+      rtol=1e-5, atol=1e-5)

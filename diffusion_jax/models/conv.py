@@ -49,6 +49,24 @@ WEIGHT_GRAD = 'auto'  # 'auto', 'chunks', 'taps' or 'xla' (module docstring).
 # XLA:CPU's weight-gradient convolution measured fast (benchmarks/conv_grad.py).
 MAX_CHUNK_ELEMENTS = 2 ** 18
 
+# XLA:CPU (jaxlib 0.10) hands convolutions to YNNPACK. Without it (this
+# value keeps YNNPACK for dots only) the U-Net's forward measured 1.15-1.2x
+# faster at batch >= 16 and equal at 8, but its train step 1.4-1.8x slower
+# (BENCHMARKS.md, issue 7). So only forward-only programs -- sampling and
+# evaluation -- are compiled with it, on CPU, unless INFERENCE_YNN_CONV.
+NO_YNN_CONV = {
+    'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT',
+}
+INFERENCE_YNN_CONV = False
+
+
+def inference_compiler_options() -> dict:
+  """compiler_options for the jit of a forward-only program (see above)."""
+  if INFERENCE_YNN_CONV or jax.default_backend() != 'cpu':
+    return {}
+  return dict(NO_YNN_CONV)
+
+
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 _METHODS = ('auto', 'chunks', 'taps', 'xla')
 
