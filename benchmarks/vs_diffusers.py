@@ -7,7 +7,7 @@ machine may be shared, so every figure is measured alternately in one process
 (ours, theirs, theirs, ours, ...: the order reverses every repetition) and
 each line carries the load average; ratios are medians of per-repetition
 ratios of neighbouring measurements. `--notorch` times only our variants
-(--weight_grad x --ynn_conv), e.g. to measure one change.
+(--weight_grad x --step_ynn_conv), e.g. to measure one change.
 
 What it prints, per batch size:
   train step   ours (one compiled call: dropout 0.1, Adam, clipping at 1.0,
@@ -62,10 +62,15 @@ flags.DEFINE_list('weight_grad', ['auto'],
                   'conv.WEIGHT_GRAD settings to compile our step with '
                   '(xla = the plain port, auto = the default: chunked on '
                   'CPU, see models/conv.py).')
-flags.DEFINE_list('ynn_conv', ['on'],
-                  'on: XLA:CPU default (YNNPACK convolutions); off: compile '
-                  'with NO_YNN_CONV (YNNPACK for dots only). '
-                  'Each WEIGHT_GRAD x ynn_conv pair is a variant of our step.')
+flags.DEFINE_list('step_ynn_conv', ['on'],
+                  'on: XLA:CPU default (YNNPACK convolutions; what the '
+                  'trainer uses); off: compile with NO_YNN_CONV (YNNPACK for '
+                  'dots only). Each WEIGHT_GRAD x step_ynn_conv pair is a '
+                  'variant of our step.')
+flags.DEFINE_list('ynn_conv', ['on', 'off'],
+                  'The same for the forward and the sampling loop; off is '
+                  'what sampling and evaluation use on CPU '
+                  '(conv.inference_compiler_options).')
 flags.DEFINE_list('what', ['peaks', 'train', 'forward', 'sample'],
                   'Parts to run.')
 flags.DEFINE_integer('sample_steps', 20, 'T of the timed sampling loop.')
@@ -203,7 +208,8 @@ class Ours:
     self.state = train.init_train_state(config, self.model, optimizer,
                                         self.mesh, jax.random.key(0))
     self.steps, self.flops, self.memory = {}, {}, {}
-    variants = [(m, y) for m in FLAGS.weight_grad for y in FLAGS.ynn_conv]
+    variants = [(m, y) for m in FLAGS.weight_grad
+                for y in FLAGS.step_ynn_conv]
     if ('xla', 'on') not in variants:  # the plain port: the model's FLOPs
       variants.append(('xla', 'on'))
     for mode, ynn in variants:
@@ -219,7 +225,7 @@ class Ours:
             f'{time.perf_counter() - t0:.1f} s')
       self.flops[name] = compiled.cost_analysis().get('flops', math.nan)
       self.memory[name] = compiled.memory_analysis()
-      if mode in FLAGS.weight_grad and ynn in FLAGS.ynn_conv:
+      if mode in FLAGS.weight_grad and ynn in FLAGS.step_ynn_conv:
         self.steps[name] = compiled
     conv.WEIGHT_GRAD = 'auto'
     self.t = jnp.full((b,), 500, jnp.int32)
