@@ -168,3 +168,32 @@ def test_inference_compiler_options_on_cpu_only(monkeypatch):
   np.testing.assert_allclose(
       jax.jit(f, compiler_options=conv.NO_YNN_CONV)(x, w), jax.jit(f)(x, w),
       rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_gradient_on_a_sharded_batch(monkeypatch):
+  """Chunks are slices of a batch sharded over the 8-device mesh: the
+  weight gradient still equals lax's computed on one device."""
+  from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
+  mesh = parallel.create_mesh()
+  assert mesh.size == 8
+  monkeypatch.setattr(conv, 'WEIGHT_GRAD', 'chunks')
+  monkeypatch.setattr(conv, 'MAX_CHUNK_ELEMENTS', 2 * 8 * 8 * 8)  # 2 images
+  x = jax.random.normal(jax.random.key(0), (16, 8, 8, 4))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 4, 8))
+  loss = lambda f: lambda w, x: jnp.sum(jnp.sin(f(x, w)))
+  ours = lambda x, w: conv.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                                dimension_numbers=NHWC)
+  theirs = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                                 dimension_numbers=NHWC)
+  sharded = jax.jit(jax.grad(loss(ours)),
+                    in_shardings=(parallel.replicated(mesh),
+                                  parallel.batch_sharded(mesh)))
+  count = lambda: str(jax.make_jaxpr(jax.grad(loss(ours)))(w, x)).count(
+      'conv_general_dilated')
+  chunked = count()
+  monkeypatch.setattr(conv, 'WEIGHT_GRAD', 'taps')
+  assert chunked == count() + 8  # 16 images in 8 chunks
+  monkeypatch.setattr(conv, 'WEIGHT_GRAD', 'chunks')
+  np.testing.assert_allclose(
+      sharded(w, jax.device_put(x, parallel.batch_sharded(mesh))),
+      jax.jit(jax.grad(loss(theirs)))(w, x), rtol=1e-4, atol=1e-4)

@@ -27,7 +27,10 @@ batch spans more than one chunk, XLA's own otherwise. Set WEIGHT_GRAD to
 'chunks', 'taps' or 'xla' to force one everywhere (read at trace time: set it
 before the first jit of the model). The forward pass and the input gradient
 are always XLA's own; values and gradients equal lax.conv_general_dilated's
-up to summation order (tests/test_conv.py).
+up to summation order (tests/test_conv.py). On a mesh of several CPU devices
+the chunks are slices of the batch-sharded activations: correct (the tests
+compare 8 devices with 1), but GSPMD then moves data between devices; the
+rule was tuned for one CPU device, the CPU being a stand-in for accelerators.
 
 `conv_general_dilated` has the signature of `lax.conv_general_dilated` and is
 passed to `flax.linen.Conv(conv_general_dilated=...)`: parameter names, shapes
@@ -50,8 +53,8 @@ WEIGHT_GRAD = 'auto'  # 'auto', 'chunks', 'taps' or 'xla' (module docstring).
 MAX_CHUNK_ELEMENTS = 2 ** 18
 
 # XLA:CPU (jaxlib 0.10) hands convolutions to YNNPACK. Without it (this
-# value keeps YNNPACK for dots only) the U-Net's forward measured 1.15-1.2x
-# faster at batch >= 16 and equal at 8, but its train step 1.4-1.8x slower
+# value keeps YNNPACK for dots only) the U-Net's forward measured 1.04-1.09x
+# faster at batch 8 and 1.15-1.2x at 16-64, but its train step 1.4-1.8x slower
 # (BENCHMARKS.md, issue 7). So only forward-only programs -- sampling and
 # evaluation -- are compiled with it, on CPU, unless INFERENCE_YNN_CONV.
 NO_YNN_CONV = {
