@@ -23,10 +23,13 @@ def numpy_group_norm(x, groups, scale, bias, eps=1e-6):
   return y * np.asarray(scale, np.float64) + np.asarray(bias, np.float64)
 
 
+@pytest.mark.parametrize('backend', ['cpu', 'tpu'])
 @pytest.mark.parametrize('shape, groups', [((2, 8, 8, 64), 32),
                                            ((3, 5, 7, 12), 4),
                                            ((2, 16, 6), 3)])
-def test_equals_flax_and_numpy(shape, groups):
+def test_equals_flax_and_numpy(shape, groups, backend, monkeypatch):
+  """Both reductions: per channel first (CPU), flax's one (elsewhere)."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
   x = 3 * jax.random.normal(jax.random.key(0), shape) + 1.5
   ours, flax_gn = GroupNorm(groups), nn.GroupNorm(groups)
   params = flax_gn.init(jax.random.key(1), x)
