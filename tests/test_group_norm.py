@@ -39,19 +39,23 @@ def test_equals_flax_and_numpy(shape, groups, backend, monkeypatch):
   params = {'params': {
       'scale': 1 + 0.1 * jax.random.normal(jax.random.key(2), (c,)),
       'bias': 0.1 * jax.random.normal(jax.random.key(3), (c,))}}
-  got = ours.apply(params, x)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
+
+  @jax.jit  # one compilation instead of op-by-op eager dispatch
+  def outputs_and_grads(params, x):
+    return [(m.apply(params, x), jax.grad(loss(m), (0, 1))(params, x))
+            for m in (ours, flax_gn)]
+
+  (got, got_grads), (want, want_grads) = outputs_and_grads(params, x)
   assert got.dtype == jnp.float32
-  np.testing.assert_allclose(got, flax_gn.apply(params, x), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got, numpy_group_norm(
       x, groups, params['params']['scale'], params['params']['bias']),
                              rtol=1e-5, atol=1e-5)
   # Gradients too (the train step differentiates through it).
-  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
-  for g, h in zip(jax.grad(loss(ours), (0, 1))(params, x),
-                  jax.grad(loss(flax_gn), (0, 1))(params, x)):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
-                                                         atol=1e-4), g, h)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-4),
+               got_grads, want_grads)
 
 
 def test_bfloat16_compute():
