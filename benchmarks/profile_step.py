@@ -42,12 +42,10 @@ flags.DEFINE_bool('forward', False, 'Profile the eval forward instead.')
 flags.DEFINE_integer('top', 30, 'Ops to list.')
 flags.DEFINE_string('dump_hlo', None, 'Write the optimised HLO text here.')
 flags.DEFINE_enum('ynn_conv', 'on', ['on', 'off'],
-                  'off: compile with NO_YNN_CONV.')
+                  'off: compile with conv.NO_YNN_CONV.')
 flags.DEFINE_bool('cpu_big_heap', True,
                   'As main.py: diffusion_jax/host_malloc.py on the CPU.')
 FLAGS = flags.FLAGS
-
-NO_YNN_CONV = conv.NO_YNN_CONV  # see models/conv.py
 
 
 def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
@@ -89,7 +87,7 @@ def main(_):
   b = FLAGS.batch_size
   model, schedule, optimizer, state, images = common.model_state_and_images(
       config, b, mesh)
-  options = NO_YNN_CONV if FLAGS.ynn_conv == 'off' else {}
+  options = conv.NO_YNN_CONV if FLAGS.ynn_conv == 'off' else {}
   if FLAGS.forward:
     t = jnp.full((b,), 500, jnp.int32)
     fwd = jax.jit(lambda p, x: model.apply({'params': p}, x, t, train=False))

@@ -64,9 +64,9 @@ flags.DEFINE_list('weight_grad', ['auto'],
                   'CPU, see models/conv.py).')
 flags.DEFINE_list('step_ynn_conv', ['on'],
                   'on: XLA:CPU default (YNNPACK convolutions; what the '
-                  'trainer uses); off: compile with NO_YNN_CONV (YNNPACK for '
-                  'dots only). Each WEIGHT_GRAD x step_ynn_conv pair is a '
-                  'variant of our step.')
+                  'trainer uses); off: compile with conv.NO_YNN_CONV '
+                  '(YNNPACK for dots only). Each WEIGHT_GRAD x step_ynn_conv '
+                  'pair is a variant of our step.')
 flags.DEFINE_list('ynn_conv', ['on', 'off'],
                   'The same for the forward and the sampling loop; off is '
                   'what sampling and evaluation use on CPU '
@@ -83,8 +83,6 @@ flags.DEFINE_enum('malloc', 'big', ['default', 'big', 'ab'],
 flags.DEFINE_bool('torch', True, 'Include diffusers + torch.')
 FLAGS = flags.FLAGS
 
-NO_YNN_CONV = conv.NO_YNN_CONV  # see models/conv.py
-
 # google/ddpm-cifar10-32's UNet2DModel config (as tests/test_convert_diffusers).
 CIFAR10_UNET = dict(
     act_fn='silu', attention_head_dim=None,
@@ -97,6 +95,7 @@ CIFAR10_UNET = dict(
     time_embedding_type='positional',
     up_block_types=['UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'])
 
+
 def load() -> str:
   return '/'.join(f'{x:.1f}' for x in os.getloadavg())
 
@@ -104,15 +103,17 @@ def load() -> str:
 def alternate(cands: dict, reps: int, label: str):
   """Times each candidate once per repetition, in turn (the order reversed
   every other repetition, so no candidate always follows the same one);
-  returns the lists of seconds."""
+  returns the lists of seconds. A candidate returning a number has timed
+  itself (see with_malloc_variants)."""
   times = {name: [] for name in cands}
   for r in range(reps):
     line = []
     order = list(cands.items())
     for name, fn in order if r % 2 == 0 else order[::-1]:
       t0 = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t0)
+      own = fn()
+      elapsed = time.perf_counter() - t0
+      times[name].append(own if isinstance(own, float) else elapsed)
       line.append(f'{name} {times[name][-1]:.3f}')
     print(f'  [{label} rep {r}] ' + ', '.join(line) + f'  load {load()}',
           flush=True)
@@ -140,20 +141,8 @@ def with_malloc_variants(cands: dict) -> dict:
 
 
 def time_cands(cands, reps, label):
-  """Like alternate(), but in 'ab' malloc mode times only the second call."""
-  if FLAGS.malloc != 'ab':
-    return alternate(cands, reps, label)
-  cands = with_malloc_variants(cands)
-  times = {name: [] for name in cands}
-  for r in range(reps):
-    line = []
-    order = list(cands.items())
-    for name, fn in order if r % 2 == 0 else order[::-1]:
-      times[name].append(fn())
-      line.append(f'{name} {times[name][-1]:.3f}')
-    print(f'  [{label} rep {r}] ' + ', '.join(line) + f'  load {load()}',
-          flush=True)
-  return times
+  """alternate(), with each candidate timed both ways in 'ab' malloc mode."""
+  return alternate(with_malloc_variants(cands), reps, label)
 
 
 def summarize(times, b, flops=None, peaks=None, ref=None):
@@ -191,7 +180,7 @@ def matmul_peaks(reps):
 
 
 def options(ynn_conv: str) -> dict:
-  return {} if ynn_conv == 'on' else dict(NO_YNN_CONV)
+  return {} if ynn_conv == 'on' else dict(conv.NO_YNN_CONV)
 
 
 class Ours:
@@ -348,22 +337,25 @@ def main(_):
             f'{m.argument_size_in_bytes / 2 ** 30:.2f} GiB, output '
             f'{m.output_size_in_bytes / 2 ** 30:.2f} GiB, aliased '
             f'{m.alias_size_in_bytes / 2 ** 30:.2f} GiB')
+
+    def versus_diffusers(title, label, cands, theirs_fn, model_flops):
+      if theirs:
+        cands['diffusers+torch'] = theirs_fn()
+      print(title)
+      times = time_cands(cands, FLAGS.reps, label)
+      summarize(times, b, model_flops, peaks,
+                'diffusers+torch' if theirs else None)
+
     if 'train' in FLAGS.what:
-      cands = {f'ours[{mode}]': ours.step(mode) for mode in ours.steps}
-      if theirs:
-        cands['diffusers+torch'] = theirs.step()
-      print('train step:')
-      times = time_cands(cands, FLAGS.reps, f'train b={b}')
-      ref = next((n for n in times if n.startswith('diffusers')), None)
-      summarize(times, b, flops, peaks, ref)
+      versus_diffusers(
+          'train step:', f'train b={b}',
+          {f'ours[{mode}]': ours.step(mode) for mode in ours.steps},
+          lambda: theirs.step(), flops)
     if 'forward' in FLAGS.what:
-      cands = {f'ours[ynn_conv={y}]': ours.forward(y) for y in FLAGS.ynn_conv}
-      if theirs:
-        cands['diffusers+torch'] = theirs.forward()
-      print('forward (eval):')
-      times = time_cands(cands, FLAGS.reps, f'fwd b={b}')
-      ref = next((n for n in times if n.startswith('diffusers')), None)
-      summarize(times, b, ours.fwd_flops, peaks, ref)
+      versus_diffusers(
+          'forward (eval):', f'fwd b={b}',
+          {f'ours[ynn_conv={y}]': ours.forward(y) for y in FLAGS.ynn_conv},
+          lambda: theirs.forward(), ours.fwd_flops)
     if 'sample' in FLAGS.what:
       n, ynn = FLAGS.sample_steps, FLAGS.ynn_conv[-1]
       fwd, loop = ours.forward(ynn), ours.sampler(n, ynn)

@@ -217,7 +217,7 @@ class UNet(nn.Module):
     assert not skips
 
     h = nn.swish(GroupNorm(self.num_groups, dtype=self.dtype,
-                              name='conv_norm_out')(h))
+                           name='conv_norm_out')(h))
     h = Conv(self.out_channels, (3, 3), padding='SAME', dtype=self.dtype,
              kernel_init=_zero_init_last(), name='conv_out')(h)
     return h.astype(jnp.float32)
