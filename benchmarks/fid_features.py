@@ -24,8 +24,10 @@ import jax
 import numpy as np
 
 from configs import default
-from diffusion_jax import generate, inception, input_pipeline, parallel
-from diffusion_jax import sample_metrics
+from diffusion_jax import generate, parallel
+from diffusion_jax.metrics import inception
+from diffusion_jax.data import pipeline as input_pipeline
+from diffusion_jax.metrics import sample_quality as sample_metrics
 
 flags.DEFINE_integer('num_timed', 32, 'Images timed for the 10k estimate.')
 flags.DEFINE_integer('batch_size', 16, 'Inception batch (global).')

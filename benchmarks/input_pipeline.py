@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default
-from diffusion_jax import input_pipeline
+from diffusion_jax.data import pipeline as input_pipeline
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 

@@ -25,8 +25,10 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 import jax
 import numpy as np
 
-from diffusion_jax import checkpointing, input_pipeline, parallel
-from diffusion_jax import sample_metrics, train
+from diffusion_jax import checkpointing, parallel
+from diffusion_jax.data import pipeline as input_pipeline
+from diffusion_jax import train
+from diffusion_jax.metrics import sample_quality as sample_metrics
 
 flags.DEFINE_integer('steps', 1500, 'Training steps per objective.')
 flags.DEFINE_string('only', '', 'Comma-separated objective names.')

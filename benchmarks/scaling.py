@@ -39,7 +39,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from diffusion_jax import parallel, train, train_state  # pylint: disable=g-import-not-at-top,wrong-import-position
+from diffusion_jax import parallel, train, train_state  # pylint: disable=g-import-not-at-top, wrong-import-position
 
 config_flags.DEFINE_config_file('config', os.path.join(REPO, 'configs',
                                                        'default.py'), 'Config.')

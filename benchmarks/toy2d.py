@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import default
-from diffusion_jax import parallel, sample_metrics, train, train_state
+from diffusion_jax import parallel, train, train_state
+from diffusion_jax.metrics import sample_quality as sample_metrics
 from diffusion_jax.models.mlp import MLP
 
 flags.DEFINE_integer('steps', 3000, 'Training steps per objective.')

@@ -51,8 +51,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import cifar10_ddpm
-from diffusion_jax import (host_malloc, parallel, samplers, schedules, train,
-                           train_state)
+from diffusion_jax import host_malloc, parallel, train, train_state
+from diffusion_jax.diffusion import samplers
+from diffusion_jax.diffusion import schedules
 from diffusion_jax.models import conv
 # pylint: enable=g-import-not-at-top,wrong-import-position
 

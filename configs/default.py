@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  # Input pipeline (diffusion_jax/input_pipeline.py).
+  # Input pipeline (diffusion_jax/data/pipeline.py).
   config.data = data = ml_collections.ConfigDict()
   data.source = 'digits'  # digits | tfds | idx | image_folder | npz
   data.name = ''  # tfds data set name, e.g. 'cifar10' (source=tfds only).
@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.random_flip = False  # horizontal flips; never for digits.
   data.prefetch = 2  # batches prepared ahead on a background thread.
 
-  # Diffusion process (diffusion_jax/schedules.py, losses.py, samplers.py;
+  # Diffusion process (diffusion_jax/diffusion/schedules.py, losses.py, samplers.py;
   # continuous time: sde.py, sde_samplers.py).
   config.diffusion = diffusion = ml_collections.ConfigDict()
   # 'ddpm': the discrete process of num_timesteps steps and beta_schedule.

@@ -28,9 +28,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 import tqdm
 
-from diffusion_jax import generate, input_pipeline, likelihood, losses
+from diffusion_jax import generate
+from diffusion_jax.data import pipeline as input_pipeline
+from diffusion_jax.diffusion import likelihood
+from diffusion_jax.diffusion import losses
 from diffusion_jax import parallel
-from diffusion_jax import sample_metrics, train
+from diffusion_jax import train
+from diffusion_jax.metrics import sample_quality as sample_metrics
 from diffusion_jax.models import conv
 
 # Keeps the eval noise apart from the training (fold 0/1) and sampling

@@ -29,9 +29,16 @@ import numpy as np
 import optax
 import tqdm
 
-from diffusion_jax import checkpointing, guidance, input_pipeline, losses
-from diffusion_jax import models, parallel, samplers, schedules, sde
-from diffusion_jax import sde_samplers, visualization
+from diffusion_jax import checkpointing
+from diffusion_jax.diffusion import guidance
+from diffusion_jax.data import pipeline as input_pipeline
+from diffusion_jax.diffusion import losses
+from diffusion_jax import models, parallel
+from diffusion_jax.diffusion import samplers
+from diffusion_jax.diffusion import schedules
+from diffusion_jax.diffusion import sde
+from diffusion_jax import visualization
+from diffusion_jax.diffusion import sde_samplers
 from diffusion_jax.models import conv
 from diffusion_jax.train_state import (TrainState, create_optimizer,
                                        create_train_state, ema_update,

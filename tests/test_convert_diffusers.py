@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from configs import cifar10_ddpm, default
-from diffusion_jax import convert_diffusers as cd
+from diffusion_jax.convert import diffusers as cd
 from diffusion_jax import generate, parallel, train
 from tests.util import tiny_config
 
@@ -331,7 +331,7 @@ def test_cli_writes_a_checkpoint_that_sample_mode_restores(tmp_path):
   hf = _hf_model(TINY_CONFIG)
   hf.save_pretrained(tmp_path / 'src')
   workdir = tmp_path / 'run'
-  cmd = [sys.executable, '-m', 'diffusion_jax.convert_diffusers',
+  cmd = [sys.executable, '-m', 'diffusion_jax.convert.diffusers',
          f'--src={tmp_path / "src"}', f'--workdir={workdir}',
          '--config=configs/default.py']
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}

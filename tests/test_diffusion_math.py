@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import losses, samplers, schedules
+from diffusion_jax.diffusion import losses
+from diffusion_jax.diffusion import samplers
+from diffusion_jax.diffusion import schedules
 
 T = 1000
 

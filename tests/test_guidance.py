@@ -5,7 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import guidance, input_pipeline, samplers, schedules
+from diffusion_jax.diffusion import guidance
+from diffusion_jax.data import pipeline as input_pipeline
+from diffusion_jax.diffusion import samplers
+from diffusion_jax.diffusion import schedules
 from tests.util import tiny_config
 
 

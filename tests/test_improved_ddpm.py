@@ -6,7 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import likelihood, losses, samplers, schedules
+from diffusion_jax.diffusion import likelihood
+from diffusion_jax.diffusion import losses
+from diffusion_jax.diffusion import samplers
+from diffusion_jax.diffusion import schedules
 from tests.test_diffusion_math import gaussian_eps_denoiser
 
 MU, S2 = 0.3, 0.25

@@ -1,4 +1,4 @@
-"""Tests for diffusion_jax.input_pipeline (offline; 8 simulated devices)."""
+"""Tests for diffusion_jax.data.pipeline (offline; 8 simulated devices)."""
 
 import gc
 import gzip
@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from diffusion_jax import input_pipeline as ip
-from diffusion_jax.input_pipeline import DataError
+from diffusion_jax.data import pipeline as ip
+from diffusion_jax.data.pipeline import DataError
 
 
 def _load_default_config():

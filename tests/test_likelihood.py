@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from diffusion_jax import checkpointing, evaluate, input_pipeline, likelihood
-from diffusion_jax import main, parallel, schedules, train, train_state
+from diffusion_jax import checkpointing, evaluate
+from diffusion_jax.data import pipeline as input_pipeline
+from diffusion_jax.diffusion import likelihood
+from diffusion_jax import main, parallel, train, train_state
+from diffusion_jax.diffusion import schedules
 from tests.util import tiny_config
 
 LN2 = math.log(2.0)

@@ -22,8 +22,11 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from diffusion_jax import inception, input_pipeline, parallel
-from diffusion_jax import sample_metrics, train
+from diffusion_jax import parallel
+from diffusion_jax.metrics import inception
+from diffusion_jax.data import pipeline as input_pipeline
+from diffusion_jax import train
+from diffusion_jax.metrics import sample_quality as sample_metrics
 from tests.util import tiny_config
 
 SMALL = inception.MIN_INPUT_SIZE  # 75: the cheapest input the network takes.

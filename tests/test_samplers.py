@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import samplers, schedules
+from diffusion_jax.diffusion import samplers
+from diffusion_jax.diffusion import schedules
 from tests.test_diffusion_math import gaussian_eps_denoiser
 
 MU, S2 = 0.3, 0.25

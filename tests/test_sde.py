@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from scipy import special
 
-from diffusion_jax import sde, sde_samplers
+from diffusion_jax.diffusion import sde
+from diffusion_jax.diffusion import sde_samplers
 
 MU, S = 0.3, 0.5  # data x0 ~ N(MU, S^2 I)
 BETA_MIN, BETA_MAX, SIGMA_MIN, SIGMA_MAX = 0.1, 20.0, 0.01, 50.0

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from configs import cifar10_ddpm, default
-from diffusion_jax import checkpointing, generate, input_pipeline, parallel
+from diffusion_jax import checkpointing, generate, parallel
+from diffusion_jax.data import pipeline as input_pipeline
 from diffusion_jax import train, train_state
 from tests.util import tiny_config
 

@@ -24,8 +24,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax import likelihood, schedules, sde
-from diffusion_jax.samplers import ModelFn, split_output
+from diffusion_jax.diffusion import likelihood
+from diffusion_jax.diffusion import schedules
+from diffusion_jax.diffusion import sde
+from diffusion_jax.diffusion.samplers import ModelFn, split_output
 
 # config.diffusion.loss -> what the network predicts (its mean part).
 PREDICTIONS = {'eps_mse': 'eps', 'x0_mse': 'x0', 'v_mse': 'v',

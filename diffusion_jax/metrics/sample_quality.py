@@ -49,7 +49,9 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 
-from diffusion_jax import inception, input_pipeline, parallel, train
+from diffusion_jax import parallel, train
+from diffusion_jax.metrics import inception
+from diffusion_jax.data import pipeline as input_pipeline
 
 # Sampling streams: the same x_T and noise as --mode=sample (generate.py uses
 # seed offset 1000 + batch index), so the first images FID sees are exactly

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import sde
-from diffusion_jax.sde import ModelFn, Process
+from diffusion_jax.diffusion import sde
+from diffusion_jax.diffusion.sde import ModelFn, Process
 
 SAMPLERS = ('euler', 'heun', 'euler_maruyama', 'pc')
 ODE_SAMPLERS = ('euler', 'heun')

@@ -17,7 +17,7 @@ and module paths `down_blocks.1.attentions.0.to_out.0` <->
 
 Usage (from a local copy; nothing is downloaded):
 
-  python -m diffusion_jax.convert_diffusers --src=/path/to/ddpm-cifar10-32 \
+  python -m diffusion_jax.convert.diffusers --src=/path/to/ddpm-cifar10-32 \
       --workdir=runs/ddpm_cifar10_released --config=configs/cifar10_ddpm.py
   python -m diffusion_jax.main --config=configs/cifar10_ddpm.py \
       --workdir=runs/ddpm_cifar10_released --mode=sample

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import schedules
+from diffusion_jax.diffusion import schedules
 
 # model_fn(x_t, t) -> the network's output: eps (C channels), or eps and the
 # variance interpolation v (2C channels) for a learned variance.

@@ -33,8 +33,9 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import log_ndtr
 
-from diffusion_jax import samplers, schedules
-from diffusion_jax.samplers import ModelFn
+from diffusion_jax.diffusion import samplers
+from diffusion_jax.diffusion import schedules
+from diffusion_jax.diffusion.samplers import ModelFn
 
 # Half the width of one 8-bit bin after scaling 0..255 to [-1, 1].
 _HALF_BIN = 1.0 / 255.0

@@ -1,0 +1,1 @@
+"""Weight importers from other frameworks; torch stays optional."""

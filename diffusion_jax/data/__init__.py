@@ -1,0 +1,1 @@
+"""Data: sources (digits, tfds, IDX, image folders, npz) and sharded batch iterators."""

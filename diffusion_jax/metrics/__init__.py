@@ -1,0 +1,1 @@
+"""Sample-quality metrics: distances in numpy, feature networks, streaming statistics."""
