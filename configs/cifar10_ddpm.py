@@ -25,7 +25,8 @@ def get_config():
   config.diffusion.beta_schedule = 'linear'
   config.diffusion.beta_start = 1e-4
   config.diffusion.beta_end = 0.02
-  config.diffusion.loss = 'eps_mse'
+  config.diffusion.prediction = 'eps'  # L_simple, eq. 14
+  config.diffusion.loss = 'mse'
   config.diffusion.sampler_variance = 'beta'
 
   # 35,746,307 parameters.
@@ -47,11 +48,12 @@ def get_config():
   config.log_every_steps = 100
   config.checkpoint_every_steps = 10_000
   config.keep_checkpoints = 3
-  config.sample_every_steps = 50_000
-  config.num_sample_images = 64
+  config.sample_grid.every_steps = 50_000
+  config.sample_grid.num_images = 64
   # FID 3.17 / IS 9.46 in the paper: 50k samples against the training set.
-  config.fid.num_samples = 50_000
-  config.fid.reference = 'train'
+  config.sample_quality.num_samples = 50_000
+  config.sample_quality.reference = 'train'
   config.sample.num_images = 256
   config.sample.batch_size = 256
+  config.eval.batch_size = 256  # bits/dim and the 50k FID samples
   return config

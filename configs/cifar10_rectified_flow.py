@@ -15,7 +15,7 @@ from configs import cifar10_ddpm
 def get_config():
   config = cifar10_ddpm.get_config()
   config.diffusion.process = 'rectified_flow'
-  config.diffusion.loss = 'velocity_mse'
+  config.diffusion.prediction = 'velocity'
   config.diffusion.time_sampling = 'logit_normal'
   config.diffusion.logit_normal_mean = 0.0
   config.diffusion.logit_normal_std = 1.0

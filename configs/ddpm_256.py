@@ -22,8 +22,9 @@ def get_config():
   config.optim.learning_rate = 2e-5
   config.batch_size = 64
   config.checkpoint_every_steps = 10_000
-  config.sample_every_steps = 50_000
-  config.num_sample_images = 16
+  config.sample_grid.every_steps = 50_000
+  config.sample_grid.num_images = 16
   config.sample.num_images = 128
   config.sample.batch_size = 64
+  config.eval.batch_size = 64
   return config

@@ -12,8 +12,10 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # The generative method (diffusion_jax/methods/): 'diffusion'.
+  config.method = 'diffusion'
 
-  # Input pipeline (diffusion_jax/data/pipeline.py).
+  # Input pipeline (diffusion_jax/data/).
   config.data = data = ml_collections.ConfigDict()
   data.source = 'digits'  # digits | tfds | idx | image_folder | npz
   data.name = ''  # tfds data set name, e.g. 'cifar10' (source=tfds only).
@@ -38,12 +40,13 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.beta_schedule = 'linear'
   diffusion.beta_start = 1e-4
   diffusion.beta_end = 0.02
-  # L_simple (Ho et al. 2020, eq. 14) predicting eps; 'x0_mse' and 'v_mse'
-  # train the network to predict x0 or v instead (samplers convert);
-  # 'velocity_mse' (continuous processes) predicts dx_t/dt, rectified flow's
-  # target. 'hybrid' (L_simple + 0.001 L_vlb) and 'vlb' learn the variance
-  # too (improved DDPM; ddpm only; set sampler_variance='learned').
-  diffusion.loss = 'eps_mse'
+  # What the network predicts: 'eps', 'x0', 'v' (alpha eps - sigma x0) or
+  # 'velocity' (dx_t/dt, rectified flow's target; continuous processes).
+  diffusion.prediction = 'eps'
+  # 'mse': || target - f(x_t, t) ||^2, L_simple (Ho et al. 2020, eq. 14)
+  # for eps. 'hybrid' (L_simple + 0.001 L_vlb) and 'vlb' learn the variance
+  # too (improved DDPM; ddpm and eps only; set sampler_variance='learned').
+  diffusion.loss = 'mse'
   # sigma_t^2 of the DDPM sampler: 'beta', 'beta_tilde' or 'learned'.
   diffusion.sampler_variance = 'beta'
   diffusion.clip_denoised = True  # clip x0_hat to [-1, 1] while sampling.
@@ -64,7 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.ve_sigma_max = 50.0
   diffusion.t_min = 0.0
 
-  # Network (diffusion_jax/models/unet.py).
+  # Network (diffusion_jax/models/): 'unet', or 'mlp' (width ch, depth
+  # num_res_blocks, flattened inputs).
   config.model = model = ml_collections.ConfigDict()
   model.name = 'unet'
   model.ch = 32
@@ -94,14 +98,16 @@ def get_config() -> ml_collections.ConfigDict:
   optim.adam_eps = 1e-8
   optim.ema_decay = 0.995  # ~200-step horizon for a short run.
 
-  # Training loop (diffusion_jax/train.py).
+  # Training loop (diffusion_jax/trainer.py).
   config.batch_size = 64  # global, over all devices and hosts.
   config.num_train_steps = 1500
   config.log_every_steps = 100
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
-  config.sample_every_steps = 1500  # EMA sample grid (and at the end); 0: never.
-  config.num_sample_images = 64
+  # The EMA sample grid written during training (samples/, TensorBoard).
+  config.sample_grid = grid = ml_collections.ConfigDict()
+  grid.every_steps = 1500  # and at the end; 0: never
+  grid.num_images = 64  # global; split over all devices
 
   # Sample mode (--mode=sample).
   config.sample = sample = ml_collections.ConfigDict()
@@ -130,9 +136,9 @@ def get_config() -> ml_collections.ConfigDict:
   sample.progressive_timesteps = ()
   sample.progressive_num_images = 8  # rows of that figure
 
-  # Scale-out throughput knobs (diffusion_jax/train.py). Both leave the
-  # trained params unchanged (up to float summation order; see
-  # make_train_step for the dropout caveat of grad_accum_steps).
+  # Scale-out throughput knobs (diffusion_jax/trainer.py, methods/base.py).
+  # Both leave the trained params unchanged (up to float summation order;
+  # see OneOptimizerMethod for the dropout caveat of grad_accum_steps).
   # Train steps per compiled call (one lax.scan over a (k, B, ...) stack):
   # fewer host round trips on TPU. log/checkpoint/sample intervals and
   # num_train_steps must be multiples of it.
@@ -142,15 +148,20 @@ def get_config() -> ml_collections.ConfigDict:
   # per-device batch (batch_size / devices) must be a multiple of it.
   config.grad_accum_steps = 1
 
-  # Sample quality: FID / Inception Score / KID (diffusion_jax/
-  # sample_metrics.py) on EMA samples, in --mode=eval and during training.
-  config.fid = fid = ml_collections.ConfigDict()
+  # Eval mode (--mode=eval): likelihood batches, and the sample and data
+  # batches of sample quality (there and during training).
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.batch_size = 64  # global; split over all devices
+
+  # Sample quality: FID / Inception Score / KID (diffusion_jax/metrics/) of
+  # EMA samples, in --mode=eval and during training.
+  config.sample_quality = fid = ml_collections.ConfigDict()
   # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or an .npz of its
   # tensors). '' = a randomly initialised network: the code path runs, the
   # numbers are NOT comparable to published FIDs (logged loudly).
   fid.weights_path = ''
   fid.reference = 'train'  # 'train' | 'eval' split, or a mu/sigma .npz
-  fid.num_samples = 0  # --mode=eval (the paper: 50,000); 0 skips FID
+  fid.num_samples = 0  # --mode=eval (the paper: 50,000); 0 skips it
   fid.every_steps = 0  # during training; 0 = never
   fid.train_num_samples = 5_000  # per periodic FID during training
   fid.resize_to = 299  # Inception input size (the reference: 299)

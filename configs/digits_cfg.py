@@ -15,5 +15,5 @@ def get_config():
   config.sample.sampler = 'ddim'
   config.sample.num_steps = 100
   # Eight rows of the ten digits (a multiple of 8 devices, too).
-  config.num_sample_images = 80
+  config.sample_grid.num_images = 80
   return config

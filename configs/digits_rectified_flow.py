@@ -10,7 +10,7 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.diffusion.process = 'rectified_flow'
-  config.diffusion.loss = 'velocity_mse'
+  config.diffusion.prediction = 'velocity'
   config.diffusion.time_sampling = 'logit_normal'
   config.sample.sampler = 'euler'
   config.sample.num_steps = 50

@@ -14,7 +14,7 @@ def get_config():
   config.diffusion.process = 've'
   config.diffusion.ve_sigma_min = 0.01
   config.diffusion.ve_sigma_max = 10.0
-  config.diffusion.loss = 'eps_mse'
+  config.diffusion.prediction = 'eps'
   config.sample.sampler = 'pc'
   config.sample.num_steps = 500
   config.sample.snr = 0.16

@@ -12,7 +12,7 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.diffusion.process = 'vp'
-  config.diffusion.loss = 'eps_mse'
+  config.diffusion.prediction = 'eps'
   config.sample.sampler = 'pc'
   config.sample.num_steps = 500
   config.sample.snr = 0.16

@@ -1,4 +1,4 @@
-r"""Command line: train, sample or evaluate bits/dim.
+r"""Command line: train, sample or evaluate; the only importer of the loop.
 
   python -m diffusion_jax.main --config=configs/default.py --workdir=DIR \
       [--config.batch_size=64 ...] [--mode=train|sample|eval]
@@ -17,7 +17,7 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, samples and '
                     'TensorBoard logs; a run resumes from it.')
 flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'],
                   'What to run; eval: bits/dim of the EMA params on '
-                  'config.data.eval_split.')
+                  'config.data.eval_split (and sample quality).')
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -68,7 +68,7 @@ def main(argv):
   # Imported here so --help stays fast and XLA_FLAGS set by the caller apply.
   import jax  # pylint: disable=g-import-not-at-top
   initialize_distributed(jax)
-  from diffusion_jax import evaluate, generate, host_malloc, train  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import evaluate, experiment, generate, host_malloc, trainer  # pylint: disable=g-import-not-at-top
 
   if FLAGS.cpu_big_heap and jax.default_backend() == 'cpu':
     if not host_malloc.keep_large_buffers():
@@ -79,12 +79,24 @@ def main(argv):
   config, workdir = FLAGS.config, FLAGS.workdir
   if '://' not in workdir:  # abspath would mangle gs://bucket/dir.
     workdir = os.path.abspath(workdir)
+  # Config to objects, once: every check runs here, before any compile.
+  exp = experiment.build(config, mode=FLAGS.mode)
   if FLAGS.mode == 'train':
-    train.train_and_evaluate(config, workdir)
+    trainer.train_and_evaluate(exp, workdir)
   elif FLAGS.mode == 'eval':
-    evaluate.evaluate(config, workdir)
+    evaluate.evaluate(exp, workdir)
   else:
-    generate.generate(config, workdir)
+    generate.generate(exp, workdir)
+
+
+# Keys renamed by the methods restructuring (issue 12): old -> new.
+RENAMED_KEYS = {
+    'sample_every_steps': 'sample_grid.every_steps',
+    'num_sample_images': 'sample_grid.num_images',
+    **{f'fid.{k}': f'sample_quality.{k}' for k in (
+        'weights_path', 'reference', 'num_samples', 'every_steps',
+        'train_num_samples', 'resize_to', 'cache_dir')},
+}
 
 
 def _config_keys(config, prefix=''):
@@ -113,6 +125,11 @@ def parse_flags(argv):
         known = set(_config_keys(module.get_config()))
       except Exception:  # pylint: disable=broad-except
         pass
+    renamed = [k for k in overrides if k in RENAMED_KEYS]
+    if renamed:
+      sys.exit(f'error: config key {renamed[0]!r} is now '
+               f'{RENAMED_KEYS[renamed[0]]!r}: use '
+               f'--config.{RENAMED_KEYS[renamed[0]]}=...')
     bad = [k for k in overrides if known and k not in known]
     if not bad:
       raise

@@ -1,4 +1,5 @@
-"""The train state (params, EMA params, optimizer state, step) and optimizer."""
+"""The one-optimizer train state (params, EMA params, optimizer state, step),
+the optimizer and its learning-rate schedule."""
 
 from typing import Any
 
@@ -16,7 +17,10 @@ class TrainState:
   params: Any
   ema_params: Any
   opt_state: Any
-  # losses.LossHistory when t is importance-sampled, else None.
+  # The method's state besides its parameters (OneOptimizerMethod's
+  # aux_state), e.g. diffusion's losses.LossHistory when t is importance-
+  # sampled; None if it has none. Named before methods existed and kept so,
+  # since the name is part of every checkpoint's tree.
   loss_history: Any = None
 
 

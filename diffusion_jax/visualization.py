@@ -1,10 +1,10 @@
-"""Image grids: [-1, 1] floats to uint8, tiled, written as PNG."""
+"""Pictures: image grids ([-1, 1] floats to uint8, tiled, PNG) and line plots."""
 
 import math
 
 from etils import epath
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def to_uint8(images) -> np.ndarray:
@@ -40,3 +40,60 @@ def save_png(path: str, grid: np.ndarray, min_size: int = 256) -> str:
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(
         f, format='PNG')
   return str(path)
+
+
+# Line plots drawn with PIL (already a dependency) instead of adding
+# matplotlib and its font/build dependencies for a few curves.
+
+_W, _H, _PAD_L, _PAD_R, _PAD_T, _PAD_B = 420, 320, 64, 16, 30, 44
+
+
+def _ticks(lo, hi, log):
+  if log:  # lo, hi are log10 values; decades, or finer under two decades
+    decades = [10.0 ** e for e in range(math.floor(lo), math.ceil(hi) + 1)
+               if lo <= e <= hi]
+    return decades if len(decades) > 1 else [
+        10.0 ** v for v in _ticks(lo, hi, False)]
+  step = 10 ** math.floor(math.log10(max(hi - lo, 1e-12))) / 10
+  for mult in (1, 2, 5, 10):
+    if (hi - lo) / (step * mult) <= 6:
+      step *= mult
+      break
+  return list(np.arange(math.ceil(lo / step) * step, hi + step * 1e-9, step))
+
+
+def line_panel(xs, ys, title, xlabel, ylabel, logy=False) -> Image.Image:
+  """One curve as an RGB image, axes from 0 (logy: a log10 y axis)."""
+  img = Image.new('RGB', (_W, _H), 'white')
+  draw, font = ImageDraw.Draw(img), ImageFont.load_default()
+  xs = np.asarray(xs, np.float64)
+  ys = np.asarray(ys, np.float64)
+  if logy:
+    ys = np.log10(np.maximum(ys, 1e-12))
+  ok = np.isfinite(xs) & np.isfinite(ys)
+  xs, ys = xs[ok], ys[ok]
+  x0, x1 = min(float(xs.min()), 0.0), float(xs.max())  # axes from 0
+  y0, y1 = float(ys.min()), float(ys.max())
+  y0 = y0 if logy else min(y0, 0.0)
+  x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+  ax_l, ax_r, ax_t, ax_b = _PAD_L, _W - _PAD_R, _PAD_T, _H - _PAD_B
+  px = lambda v: ax_l + (v - x0) / (x1 - x0) * (ax_r - ax_l)
+  py = lambda v: ax_b - (v - y0) / (y1 - y0) * (ax_b - ax_t)
+  draw.rectangle((ax_l, ax_t, ax_r, ax_b), outline='black')
+  for v in _ticks(x0, x1, False):
+    draw.line((px(v), ax_b, px(v), ax_b + 4), fill='black')
+    draw.text((px(v), ax_b + 6), f'{v:g}', fill='black', font=font,
+              anchor='ma')
+  for v in _ticks(y0, y1, logy):
+    pos = math.log10(v) if logy else v
+    draw.line((ax_l - 4, py(pos), ax_l, py(pos)), fill='black')
+    draw.line((ax_l, py(pos), ax_r, py(pos)), fill=(225, 225, 225))
+    draw.text((ax_l - 6, py(pos)), f'{v:.3g}', fill='black', font=font,
+              anchor='rm')
+  draw.line([(px(a), py(b)) for a, b in zip(xs, ys)], fill=(31, 119, 180),
+            width=2)
+  draw.text((_W / 2, 8), title, fill='black', font=font, anchor='ma')
+  draw.text(((ax_l + ax_r) / 2, _H - 14), xlabel, fill='black', font=font,
+            anchor='ma')
+  draw.text((4, ax_t - 14), ylabel, fill='black', font=font)
+  return img

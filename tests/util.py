@@ -16,10 +16,11 @@ def tiny_config(**overrides):
   config.num_train_steps = 4
   config.log_every_steps = 2
   config.checkpoint_every_steps = 2
-  config.sample_every_steps = 0
-  config.num_sample_images = 8
+  config.sample_grid.every_steps = 0
+  config.sample_grid.num_images = 8
   config.sample.num_images = 12
   config.sample.batch_size = 8
+  config.eval.batch_size = 8
   config.optim.warmup_steps = 2
   config.data.prefetch = 0
   config.update_from_flattened_dict(overrides)  # dotted keys, type-checked

@@ -33,9 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import log_ndtr
 
-from diffusion_jax.diffusion import samplers
-from diffusion_jax.diffusion import schedules
-from diffusion_jax.diffusion.samplers import ModelFn
+from diffusion_jax.diffusion import denoiser, samplers, schedules
+from diffusion_jax.diffusion.denoiser import DenoiseFn
 
 # Half the width of one 8-bit bin after scaling 0..255 to [-1, 1].
 _HALF_BIN = 1.0 / 255.0
@@ -117,7 +116,7 @@ def prior_bpd(schedule: schedules.Schedule, x0: jax.Array) -> jax.Array:
   return _mean_bits(normal_kl(mean, jnp.log(variance), 0.0, 0.0))
 
 
-def vlb_term_bpd(model_fn: ModelFn, schedule: schedules.Schedule,
+def vlb_term_bpd(denoise_fn: DenoiseFn, schedule: schedules.Schedule,
                  x0: jax.Array, x_t: jax.Array, t: jax.Array, *,
                  variance: str = 'beta', clip_denoised: bool = True):
   """One term of the bound per image, bits/dim, and the model's x0 estimate.
@@ -132,7 +131,7 @@ def vlb_term_bpd(model_fn: ModelFn, schedule: schedules.Schedule,
   first variance, beta~_2 for both choices, as the DDPM code).
 
   Args:
-    model_fn: (x_t, t) -> eps prediction.
+    denoise_fn: (x_t, t) -> denoiser.Denoised.
     x0: data in [-1, 1], (B, H, W, C).
     x_t: a draw from q(x_t | x0) at index t.
     t: (B,) int timestep indices, 0-based.
@@ -144,7 +143,7 @@ def vlb_term_bpd(model_fn: ModelFn, schedule: schedules.Schedule,
   """
   true_mean, _, true_log_var = schedules.q_posterior(schedule, x0, x_t, t)
   model_mean, model_log_var, x0_hat = samplers.p_mean_variance(
-      model_fn, schedule, x_t, t, variance=variance,
+      denoise_fn, schedule, x_t, t, variance=variance,
       clip_denoised=clip_denoised)
   kl = _mean_bits(normal_kl(true_mean, true_log_var, model_mean,
                             model_log_var))
@@ -153,7 +152,7 @@ def vlb_term_bpd(model_fn: ModelFn, schedule: schedules.Schedule,
   return jnp.where(t == 0, decoder_nll, kl), x0_hat
 
 
-def vlb_terms(model_fn: ModelFn, schedule: schedules.Schedule, x0: jax.Array,
+def vlb_terms(denoise_fn: DenoiseFn, schedule: schedules.Schedule, x0: jax.Array,
               rng: jax.Array, *, variance: str = 'beta',
               clip_denoised: bool = True) -> dict[str, jax.Array]:
   """All T + 1 terms of the bound for a batch, one `lax.scan` over t.
@@ -176,8 +175,8 @@ def vlb_terms(model_fn: ModelFn, schedule: schedules.Schedule, x0: jax.Array,
     noise = jax.random.normal(jax.random.fold_in(rng, t_index), x0.shape,
                               x0.dtype)
     t = jnp.full((batch,), t_index, jnp.int32)
-    x_t = schedules.q_sample(schedule, x0, t, noise)
-    value, x0_hat = vlb_term_bpd(model_fn, schedule, x0, x_t, t,
+    x_t = denoiser.q_sample(schedule, x0, t, noise)
+    value, x0_hat = vlb_term_bpd(denoise_fn, schedule, x0, x_t, t,
                                  variance=variance,
                                  clip_denoised=clip_denoised)
     mse = jnp.mean(jnp.square(x0_hat - x0).reshape(batch, -1), axis=1)

@@ -1,15 +1,16 @@
-"""Diffusion training losses: pure functions of (model, data, rng).
+"""Diffusion training losses: pure functions of (network, process, data).
 
-Discrete-time objectives (config.diffusion.loss) over the DDPM process of
-schedules.py:
-  eps_mse, x0_mse, v_mse  L_simple with the network predicting eps, x0 or v
-                          (Ho et al. 2020 eq. 14; Salimans & Ho 2022);
-  hybrid                  L_simple + lambda L_vlb with a learned-range
-                          variance, lambda = 0.001 (Nichol & Dhariwal 2021);
-  vlb                     L_vlb alone (the bound, learned mean and variance;
-                          pair it with importance sampling of t).
+config.diffusion.prediction says what the network predicts (eps, x0, v,
+velocity; denoiser.py), config.diffusion.loss how it is trained:
+  mse     || target - f(x_t, t) ||^2, L_simple (Ho et al. 2020 eq. 14) for
+          eps; any process. The prediction sets the weighting over t:
+          eps-MSE is x0-MSE times alpha^2 / sigma^2.
+  hybrid  L_simple + lambda L_vlb with a learned-range variance, lambda =
+          0.001 (Nichol & Dhariwal 2021, sec. 3.1); ddpm and eps only.
+  vlb     L_vlb alone (the bound, learned mean and variance; pair it with
+          importance sampling of t).
 A network trained with hybrid or vlb outputs 2C channels: eps, then the
-variance interpolation v in [-1, 1] (see samplers.p_mean_variance).
+variance interpolation in [-1, 1] (samplers.p_mean_variance).
 
 Importance sampling of t (`ImportanceSampler`) keeps the last 10 losses of
 every t in the train state and draws t with p_t ~ sqrt(E[L_t^2]) once every
@@ -17,28 +18,23 @@ t has 10 of them, weighting each example by 1 / (T p_t) so the objective
 stays unbiased (improved DDPM, sec. 3.3).
 """
 
-import functools
 from typing import Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.diffusion import likelihood
-from diffusion_jax.diffusion import schedules
-from diffusion_jax.diffusion import sde
-from diffusion_jax.diffusion.samplers import ModelFn, split_output
+from diffusion_jax.diffusion import denoiser, likelihood, schedules, sde
+from diffusion_jax.diffusion.denoiser import Denoised, NetworkFn
 
-# config.diffusion.loss -> what the network predicts (its mean part).
-PREDICTIONS = {'eps_mse': 'eps', 'x0_mse': 'x0', 'v_mse': 'v',
-               'velocity_mse': 'velocity', 'hybrid': 'eps', 'vlb': 'eps'}
-# The losses of the continuous-time processes (sde.py): a plain MSE on the
-# target, t from sde.sample_time.
-CONTINUOUS_LOSSES = ('eps_mse', 'x0_mse', 'v_mse', 'velocity_mse')
+LOSSES = ('mse', 'hybrid', 'vlb')
 # Losses whose network also outputs a variance (2C channels).
 LEARNED_VARIANCE = ('hybrid', 'vlb')
 # improved DDPM's lambda: L_hybrid = L_simple + 0.001 L_vlb.
 HYBRID_VLB_WEIGHT = 1e-3
+# The loss names before prediction and loss were two keys.
+_OLD_LOSSES = {'eps_mse': 'eps', 'x0_mse': 'x0', 'v_mse': 'v',
+               'velocity_mse': 'velocity'}
 
 
 def learns_variance(loss_name: str) -> bool:
@@ -52,9 +48,10 @@ def _mean_per_example(x: jax.Array) -> jax.Array:
 def draw_t_and_noise(schedule: schedules.Schedule, x0: jax.Array,
                      rng: jax.Array, probs: Optional[jax.Array] = None,
                      ) -> tuple[jax.Array, jax.Array]:
-  """The per-example t and eps of one batch, drawn for the whole batch at
-  once: gradient accumulation slices these instead of drawing per
-  micro-batch, so splitting a batch does not change its randomness.
+  """The per-example t and eps of one batch of the discrete process, drawn
+  for the whole batch at once: gradient accumulation slices these instead of
+  drawing per micro-batch, so splitting a batch does not change its
+  randomness.
 
   t is uniform on {0..T-1}, or drawn from `probs` (shape (T,)) when given.
   """
@@ -67,20 +64,31 @@ def draw_t_and_noise(schedule: schedules.Schedule, x0: jax.Array,
   return t.astype(jnp.int32), noise
 
 
-def prediction_mse_per_example(prediction: str, model_fn: ModelFn,
-                               schedule: schedules.Schedule, x0: jax.Array,
-                               t: jax.Array, noise: jax.Array) -> jax.Array:
-  """|| target - f(x_t, t) ||^2 per example (mean over pixels), with target
-  eps, x0 or v = a eps - b x0. The weighting over t differs between
-  targets: eps-MSE is x0-MSE times abar/(1 - abar)."""
-  x_t = schedules.q_sample(schedule, x0, t, noise)
-  target = {'eps': lambda: noise, 'x0': lambda: x0,
-            'v': lambda: schedules.v_from_eps_x0(schedule, x_t, t, noise, x0),
-            }[prediction]()
-  return _mean_per_example(jnp.square(target - model_fn(x_t, t)))
+def mse_per_example(prediction: str, network_fn: NetworkFn, process,
+                    x0: jax.Array, t: jax.Array,
+                    noise: jax.Array) -> jax.Array:
+  """|| target - f(x_t, t) ||^2 per example (mean over pixels), for any
+  process and prediction (denoiser.target)."""
+  x_t = denoiser.q_sample(process, x0, t, noise)
+  want = denoiser.target(process, prediction, x0, noise, t)
+  return _mean_per_example(jnp.square(want - network_fn(x_t, t)))
 
 
-def vlb_per_example(model_fn: ModelFn, schedule: schedules.Schedule,
+def mse_loss(network_fn: NetworkFn, process, prediction: str, x0: jax.Array,
+             t: jax.Array, noise: jax.Array) -> jax.Array:
+  """The batch mean of mse_per_example."""
+  return jnp.mean(mse_per_example(prediction, network_fn, process, x0, t,
+                                  noise))
+
+
+def simple_loss(network_fn: NetworkFn, schedule: schedules.Schedule,
+                x0: jax.Array, rng: jax.Array) -> jax.Array:
+  """L_simple with its own draw of t and eps: DDPM Algorithm 1, lines 2-5."""
+  t, noise = draw_t_and_noise(schedule, x0, rng)
+  return mse_loss(network_fn, schedule, 'eps', x0, t, noise)
+
+
+def vlb_per_example(network_fn: NetworkFn, schedule: schedules.Schedule,
                     x0: jax.Array, t: jax.Array, noise: jax.Array, *,
                     mse_weight: float, vlb_weight: float,
                     freeze_mean: bool) -> jax.Array:
@@ -93,14 +101,14 @@ def vlb_per_example(model_fn: ModelFn, schedule: schedules.Schedule,
   output is stop-gradient inside L_t, so the bound only trains the variance
   and L_simple alone trains the mean (the hybrid objective).
   """
-  x_t = schedules.q_sample(schedule, x0, t, noise)
-  out = model_fn(x_t, t)
-  eps, var_values = split_output(out, x0.shape[-1])
+  x_t = denoiser.q_sample(schedule, x0, t, noise)
+  eps, var_values = denoiser.split_output(network_fn(x_t, t), x0.shape[-1])
   if var_values is None:
     raise ValueError('the hybrid / vlb losses need a network with 2C output '
                      'channels (eps and the variance interpolation)')
-  frozen = jnp.concatenate(
-      [jax.lax.stop_gradient(eps) if freeze_mean else eps, var_values], -1)
+  mean_eps = jax.lax.stop_gradient(eps) if freeze_mean else eps
+  x0_hat, _ = denoiser.to_x0_eps(schedule, 'eps', x_t, t, mean_eps)
+  frozen = Denoised(x0_hat, mean_eps, var_values)
   term, _ = likelihood.vlb_term_bpd(lambda *_: frozen, schedule, x0, x_t, t,
                                     variance='learned', clip_denoised=False)
   loss = vlb_weight * term
@@ -109,68 +117,28 @@ def vlb_per_example(model_fn: ModelFn, schedule: schedules.Schedule,
   return loss
 
 
-def _hybrid(model_fn, schedule, x0, t, noise):
+def _hybrid(network_fn, schedule, x0, t, noise):
   # improved DDPM: L_simple + 0.001 L_vlb, L_vlb = T E_t[L_t].
   return vlb_per_example(
-      model_fn, schedule, x0, t, noise, mse_weight=1.0,
+      network_fn, schedule, x0, t, noise, mse_weight=1.0,
       vlb_weight=HYBRID_VLB_WEIGHT * schedule.num_timesteps, freeze_mean=True)
 
 
-def _vlb(model_fn, schedule, x0, t, noise):
+def _vlb(network_fn, schedule, x0, t, noise):
   # L_vlb = T E_t[L_t] (bits/dim): the mean over t of T L_t.
-  return vlb_per_example(model_fn, schedule, x0, t, noise, mse_weight=0.0,
+  return vlb_per_example(network_fn, schedule, x0, t, noise, mse_weight=0.0,
                          vlb_weight=float(schedule.num_timesteps),
                          freeze_mean=False)
 
 
-# name -> (model_fn, schedule, x0, t, noise) -> (B,) per-example losses.
-PER_EXAMPLE = {name: functools.partial(prediction_mse_per_example, prediction)
-               for name, prediction in PREDICTIONS.items()
-               if name not in LEARNED_VARIANCE + ('velocity_mse',)}
-PER_EXAMPLE.update(hybrid=_hybrid, vlb=_vlb)
-
-
-def _scalar(per_example_fn):
-  def loss(model_fn, schedule, x0, t, noise):
-    return jnp.mean(per_example_fn(model_fn, schedule, x0, t, noise))
-  return loss
-
-
-def _with_drawn_noise(given_noise):
-  def loss(model_fn, schedule, x0, rng):
-    t, noise = draw_t_and_noise(schedule, x0, rng)
-    return given_noise(model_fn, schedule, x0, t, noise)
-  return loss
-
-
-# The batch-mean losses given pre-drawn (t, noise) (see draw_t_and_noise),
-# and the same drawing their own t and noise from an rng.
-LOSSES_GIVEN_NOISE = {name: _scalar(fn) for name, fn in PER_EXAMPLE.items()}
-LOSSES = {name: _with_drawn_noise(fn) for name, fn in LOSSES_GIVEN_NOISE.items()}
-eps_mse_given_noise = LOSSES_GIVEN_NOISE['eps_mse']
-eps_mse_loss = LOSSES['eps_mse']  # L_simple, DDPM Algorithm 1.
-
-
-def get_loss_fn(name: str):
-  if name not in LOSSES:
-    raise ValueError(f'unknown loss {name!r}: set config.diffusion.loss to '
-                     f'one of {sorted(LOSSES)}')
-  return LOSSES[name]
-
-
-def eps_model(model_fn: ModelFn, schedule: schedules.Schedule,
-              loss_name: str) -> ModelFn:
-  """The network as an eps-predictor, whatever it was trained to predict:
-  samplers and the likelihood are written in terms of eps. A learned
-  variance (2C channels) passes through unchanged."""
-  prediction = PREDICTIONS[loss_name]
-  if prediction == 'eps':
-    return model_fn
-  if prediction == 'x0':
-    return lambda x_t, t: schedules.eps_from_x0(schedule, x_t, t,
-                                                model_fn(x_t, t))
-  return lambda x_t, t: schedules.eps_from_v(schedule, x_t, t,
-                                             model_fn(x_t, t))
+def per_example_loss(loss_name: str, prediction: str):
+  """(network_fn, process, x0, t, noise) -> (B,) losses."""
+  if loss_name == 'hybrid':
+    return _hybrid
+  if loss_name == 'vlb':
+    return _vlb
+  return lambda network_fn, process, x0, t, noise: mse_per_example(
+      prediction, network_fn, process, x0, t, noise)
 
 
 @flax.struct.dataclass
@@ -225,43 +193,32 @@ class ImportanceSampler:
     return state
 
 
-def continuous_per_example(prediction: str, model_fn: ModelFn,
-                           process: sde.Process, x0: jax.Array, t: jax.Array,
-                           noise: jax.Array) -> jax.Array:
-  """|| target - f(x_t, t) ||^2 per example for a continuous process, t in
-  [t_min, 1] (the network sees sde.model_time(t) through model_fn)."""
-  x_t = sde.q_sample(process, x0, t, noise)
-  target = sde.target(process, prediction, x0, noise, t)
-  return _mean_per_example(jnp.square(target - model_fn(x_t, t)))
-
-
-def per_example_loss(loss_name: str, continuous: bool):
-  """(model_fn, schedule or process, x0, t, noise) -> (B,) losses."""
-  if continuous:
-    return functools.partial(continuous_per_example, PREDICTIONS[loss_name])
-  return PER_EXAMPLE[loss_name]
-
-
 def check_config(diffusion_config) -> None:
-  """Fails early on a loss / process / time-sampling / variance mismatch."""
+  """Fails early on a process / prediction / loss / time-sampling /
+  variance mismatch."""
   d = diffusion_config
-  name, sampling = d.loss, d.time_sampling
-  if d.process != 'ddpm':
-    if name not in CONTINUOUS_LOSSES:
-      raise ValueError(
-          f'config.diffusion.loss={name!r} is not available for the '
-          f'continuous process {d.process!r}: use one of {CONTINUOUS_LOSSES} '
-          "(hybrid / vlb need the discrete process='ddpm')")
-    if sampling not in ('uniform', 'logit_normal'):
+  name, sampling, prediction = d.loss, d.time_sampling, d.prediction
+  if name in _OLD_LOSSES:
+    raise ValueError(
+        f'config.diffusion.loss={name!r} is now two keys: set '
+        f'config.diffusion.prediction={_OLD_LOSSES[name]!r} and '
+        "config.diffusion.loss='mse'")
+  if name not in LOSSES:
+    raise ValueError(f'unknown loss {name!r}: set config.diffusion.loss to '
+                     f'one of {LOSSES}')
+  discrete = d.process == 'ddpm'
+  denoiser.check_prediction(prediction, discrete)
+  if learns_variance(name) and (not discrete or prediction != 'eps'):
+    raise ValueError(
+        f'config.diffusion.loss={name!r} trains a learned variance of the '
+        "discrete process: it needs config.diffusion.process='ddpm' and "
+        "config.diffusion.prediction='eps'")
+  if not discrete:
+    if sampling not in sde.TIME_SAMPLING:
       raise ValueError(
           f'config.diffusion.time_sampling={sampling!r}: continuous '
-          "processes draw t 'uniform' or 'logit_normal'")
+          f'processes draw t from one of {sde.TIME_SAMPLING}')
     return
-  if name == 'velocity_mse':
-    raise ValueError("config.diffusion.loss='velocity_mse' needs a continuous "
-                     "process (config.diffusion.process='rectified_flow', "
-                     "'vp' or 've'); with 'ddpm' use eps_mse, x0_mse or v_mse")
-  get_loss_fn(name)
   if sampling not in ('uniform', 'importance'):
     raise ValueError(
         f'unknown config.diffusion.time_sampling {sampling!r} for the '

@@ -1,35 +1,24 @@
-"""Samplers: the reverse process as one jitted loop.
+"""Samplers of the discrete DDPM process, each one jitted lax loop.
 
-Each sampler takes the starting noise x_T explicitly, so a fixed x_T and rng
-give the same images on any device layout.
+Ancestral sampling (respaced or not) and the bits/dim terms share
+`p_mean_variance` (improved DDPM's core); DDIM and its inversion take the
+same `denoiser.Denoised` (x0_hat, eps_hat) at each step. Each sampler takes
+the starting noise x_T explicitly, so a fixed x_T and rng give the same
+images on any device layout.
 """
 
-from typing import Callable, Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.diffusion import schedules
-
-# model_fn(x_t, t) -> the network's output: eps (C channels), or eps and the
-# variance interpolation v (2C channels) for a learned variance.
-ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+from diffusion_jax.diffusion.denoiser import DenoiseFn
 
 # sigma_t^2 of p(x_{t-1} | x_t): fixed beta_t or beta~_t, or the network's
 # learned interpolation between them (improved DDPM).
 VARIANCES = ('beta', 'beta_tilde', 'learned')
-
-
-def split_output(out: jax.Array, channels: int
-                 ) -> tuple[jax.Array, Optional[jax.Array]]:
-  """(eps, v) from a 2C-channel output, (eps, None) from a C-channel one."""
-  if out.shape[-1] == channels:
-    return out, None
-  if out.shape[-1] != 2 * channels:
-    raise ValueError(f'model output has {out.shape[-1]} channels; expected '
-                     f'{channels} (eps) or {2 * channels} (eps and variance)')
-  return out[..., :channels], out[..., channels:]
 
 
 def check_variance(variance: str) -> None:
@@ -40,13 +29,13 @@ def check_variance(variance: str) -> None:
                      f'config.diffusion.sampler_variance to one of {VARIANCES}')
 
 
-def p_mean_variance(model_fn: ModelFn, schedule: schedules.Schedule,
+def p_mean_variance(denoise_fn: DenoiseFn, schedule: schedules.Schedule,
                     x_t: jax.Array, t: jax.Array, *, variance: str = 'beta',
                     clip_denoised: bool = True):
   """Mean and log-variance of p_theta(x_{t-1} | x_t) and the x0 estimate.
 
-  The mean is the posterior mean mu~(x0_hat, x_t) with x0_hat from the eps
-  prediction; without clipping this equals Algorithm 2's
+  The mean is the posterior mean mu~(x0_hat, x_t) with the denoiser's
+  x0_hat; for an eps prediction and without clipping this equals Algorithm 2's
   (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t). With clipping
   x0_hat is kept in [-1, 1], as the DDPM code samples.
   sigma_t^2 is beta_t ('beta', 'fixedlarge'; its first entry is beta~_1 as
@@ -55,8 +44,7 @@ def p_mean_variance(model_fn: ModelFn, schedule: schedules.Schedule,
   (1 - f) log beta~_t with f = (v + 1) / 2 from the network's extra channels
   v in [-1, 1] (log beta~ clipped at the first step as above).
   """
-  eps, var_values = split_output(model_fn(x_t, t), x_t.shape[-1])
-  x0 = schedules.predict_x0_from_eps(schedule, x_t, t, eps)
+  x0, _, var_values = denoise_fn(x_t, t)
   if clip_denoised:
     x0 = jnp.clip(x0, -1.0, 1.0)
   mean, _, log_var_tilde = schedules.q_posterior(schedule, x0, x_t, t)
@@ -78,7 +66,7 @@ def p_mean_variance(model_fn: ModelFn, schedule: schedules.Schedule,
   return mean, log_var, x0
 
 
-def ddpm_sample(model_fn: ModelFn, schedule: schedules.Schedule,
+def ddpm_sample(denoise_fn: DenoiseFn, schedule: schedules.Schedule,
                 x_T: jax.Array, rng: jax.Array, *, variance: str = 'beta',
                 clip_denoised: bool = True,
                 x0_at: Sequence[int] = ()):
@@ -102,7 +90,7 @@ def ddpm_sample(model_fn: ModelFn, schedule: schedules.Schedule,
   def step(carry, t_index):
     x, saved = carry
     t = jnp.full((x.shape[0],), t_index, dtype=jnp.int32)
-    mean, log_var, x0_hat = p_mean_variance(model_fn, schedule, x, t,
+    mean, log_var, x0_hat = p_mean_variance(denoise_fn, schedule, x, t,
                                             variance=variance,
                                             clip_denoised=clip_denoised)
     if x0_at:
@@ -141,7 +129,7 @@ def respace(schedule: schedules.Schedule, timesteps: Sequence[int]):
   return schedules.Schedule.from_betas(betas), jnp.asarray(kept, jnp.int32)
 
 
-def sample(model_fn: ModelFn, schedule: schedules.Schedule, x_T: jax.Array,
+def sample(denoise_fn: DenoiseFn, schedule: schedules.Schedule, x_T: jax.Array,
            rng: jax.Array, *, sampler: str = 'ddpm', num_steps: int = 0,
            variance: str = 'beta', clip_denoised: bool = True,
            eta: float = 0.0, x0_at: Sequence[int] = ()):
@@ -151,33 +139,30 @@ def sample(model_fn: ModelFn, schedule: schedules.Schedule, x_T: jax.Array,
   if sampler == 'ddim':
     if x0_at:
       raise ValueError('progressive_timesteps need sampler=ddpm')
-    return ddim_sample(model_fn, schedule, x_T, rng, timesteps=steps, eta=eta,
+    return ddim_sample(denoise_fn, schedule, x_T, rng, timesteps=steps, eta=eta,
                        clip_denoised=clip_denoised)
   if sampler != 'ddpm':
     raise ValueError(f"unknown sampler {sampler!r}: set config.sample.sampler "
-                     f"to one of {SAMPLERS}")
+                     "to 'ddpm' or 'ddim'")
   if len(steps) == schedule.num_timesteps:
-    return ddpm_sample(model_fn, schedule, x_T, rng, variance=variance,
+    return ddpm_sample(denoise_fn, schedule, x_T, rng, variance=variance,
                        clip_denoised=clip_denoised, x0_at=x0_at)
   if x0_at:
     raise ValueError('progressive_timesteps need all timesteps '
                      '(config.sample.num_steps=0)')
   spaced, t_map = respace(schedule, steps)
-  return ddpm_sample(lambda x, i: model_fn(x, t_map[i]), spaced, x_T, rng,
+  return ddpm_sample(lambda x, i: denoise_fn(x, t_map[i]), spaced, x_T, rng,
                      variance=variance, clip_denoised=clip_denoised)
 
 
-SAMPLERS = ('ddpm', 'ddim')
-
-
-def ddim_sample(model_fn: ModelFn, schedule: schedules.Schedule,
+def ddim_sample(denoise_fn: DenoiseFn, schedule: schedules.Schedule,
                 x_T: jax.Array, rng: jax.Array, *,
                 timesteps: Sequence[int] | None = None, eta: float = 0.0,
                 clip_denoised: bool = True) -> jax.Array:
   """DDIM (Song et al. 2021, eq. 12) over descending 0-based `timesteps`.
 
   From t to the next s < t (s = -1 after the last, abar_{-1} = 1):
-    x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t),
+    x0_hat, eps_hat from the denoiser at (x_t, t),
     sigma  = eta sqrt((1 - abar_s)/(1 - abar_t)) sqrt(1 - abar_t/abar_s),
     x_s    = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z.
   eta = 0 is deterministic (an ODE discretisation); eta = 1 over all T steps
@@ -196,10 +181,9 @@ def ddim_sample(model_fn: ModelFn, schedule: schedules.Schedule,
   def step(x, ts):
     t_index, s_index = ts
     t = jnp.full((x.shape[0],), t_index, dtype=jnp.int32)
-    eps, _ = split_output(model_fn(x, t), x.shape[-1])
+    x0, eps, _ = denoise_fn(x, t)
     ab_t = abar[t_index]
     ab_s = jnp.where(s_index >= 0, abar[jnp.maximum(s_index, 0)], 1.0)
-    x0 = (x - jnp.sqrt(1 - ab_t) * eps) / jnp.sqrt(ab_t)
     if clip_denoised:
       x0 = jnp.clip(x0, -1.0, 1.0)
       eps = (x - jnp.sqrt(ab_t) * x0) / jnp.sqrt(1 - ab_t)
@@ -213,7 +197,7 @@ def ddim_sample(model_fn: ModelFn, schedule: schedules.Schedule,
   return x0
 
 
-def ddim_invert(model_fn: ModelFn, schedule: schedules.Schedule,
+def ddim_invert(denoise_fn: DenoiseFn, schedule: schedules.Schedule,
                 x0: jax.Array, *, timesteps: Sequence[int]) -> jax.Array:
   """The deterministic (eta = 0) DDIM map run forwards: x_0 -> x_T, the
   inverse of ddim_sample(eta=0, clip_denoised=False) up to discretisation."""
@@ -225,9 +209,11 @@ def ddim_invert(model_fn: ModelFn, schedule: schedules.Schedule,
     s_index, t_index = ts  # from s (lower noise) up to t
     ab_s = jnp.where(s_index >= 0, abar[jnp.maximum(s_index, 0)], 1.0)
     ab_t = abar[t_index]
-    # eps is evaluated at the current point, the standard DDIM inversion.
-    eps, _ = split_output(model_fn(x, jnp.full(
-        (x.shape[0],), jnp.maximum(s_index, 0), dtype=jnp.int32)), x.shape[-1])
+    # The denoiser is evaluated at the current point (the standard DDIM
+    # inversion); at s = -1 (x is the data) at t = 0, whose x0_hat is
+    # recomputed from eps for abar_{-1} = 1.
+    _, eps, _ = denoise_fn(x, jnp.full((x.shape[0],), jnp.maximum(s_index, 0),
+                                       dtype=jnp.int32))
     x0 = (x - jnp.sqrt(1 - ab_s) * eps) / jnp.sqrt(ab_s)
     return jnp.sqrt(ab_t) * x0 + jnp.sqrt(1 - ab_t) * eps, None
 

@@ -54,9 +54,25 @@ class Schedule:
   posterior_mean_coef1: jax.Array  # multiplies x0 in mu~_t, eq. 7
   posterior_mean_coef2: jax.Array  # multiplies x_t in mu~_t, eq. 7
 
+  # The DDPM process on its grid of T integer timesteps (denoiser.py).
+  is_discrete = True
+
   @property
   def num_timesteps(self) -> int:
     return self.betas.shape[0]
+
+  def alpha_sigma(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)) at indices t:
+    x_t = alpha_t x0 + sigma_t eps is eq. 4."""
+    return self.sqrt_alphas_cumprod[t], self.sqrt_one_minus_alphas_cumprod[t]
+
+  def derivatives(self, t):
+    raise ValueError('the discrete DDPM process has no time derivative: '
+                     "the 'velocity' prediction needs a continuous process")
+
+  def model_time(self, t: jax.Array) -> jax.Array:
+    """The network's time input: the 0-based index itself."""
+    return t
 
   @classmethod
   def from_betas(cls, betas: np.ndarray) -> 'Schedule':
@@ -100,13 +116,6 @@ def at(coef: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
   return coef[t].reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
 
 
-def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array,
-             noise: jax.Array) -> jax.Array:
-  """x_t ~ q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I), eq. 4."""
-  return (at(schedule.sqrt_alphas_cumprod, t, x0) * x0
-          + at(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
-
-
 def q_mean_variance(schedule: Schedule, x0: jax.Array, t: jax.Array):
   """Mean and variance of q(x_t | x0), eq. 4."""
   mean = at(schedule.sqrt_alphas_cumprod, t, x0) * x0
@@ -123,41 +132,3 @@ def q_posterior(schedule: Schedule, x0: jax.Array, x_t: jax.Array,
   variance = at(schedule.posterior_variance, t, x_t)
   log_variance = at(schedule.posterior_log_variance_clipped, t, x_t)
   return mean, variance, log_variance
-
-
-def predict_x0_from_eps(schedule: Schedule, x_t: jax.Array, t: jax.Array,
-                        eps: jax.Array) -> jax.Array:
-  """Invert eq. 4: x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-  return (at(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-          - at(schedule.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
-
-
-# Conversions between what a network may predict, at (x_t, t) with
-# x_t = a x0 + b eps, a = sqrt(abar_t), b = sqrt(1 - abar_t):
-#   v = a eps - b x0 (Salimans & Ho 2022), score = -eps / b;
-# x0 from eps is predict_x0_from_eps above.
-def eps_from_x0(schedule, x_t, t, x0):
-  return ((x_t - at(schedule.sqrt_alphas_cumprod, t, x_t) * x0)
-          / at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t))
-
-
-def v_from_eps_x0(schedule, x_t, t, eps, x0):
-  return (at(schedule.sqrt_alphas_cumprod, t, x_t) * eps
-          - at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * x0)
-
-
-def eps_from_v(schedule, x_t, t, v):
-  """eps = a v + b x_t (since a^2 + b^2 = 1)."""
-  return (at(schedule.sqrt_alphas_cumprod, t, x_t) * v
-          + at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t)
-
-
-def x0_from_v(schedule, x_t, t, v):
-  """x0 = a x_t - b v."""
-  return (at(schedule.sqrt_alphas_cumprod, t, x_t) * x_t
-          - at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * v)
-
-
-def score_from_eps(schedule, x_t, t, eps):
-  """grad_x log q(x_t) estimate: -eps / sqrt(1 - abar_t)."""
-  return -eps / at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)

@@ -11,19 +11,13 @@ eps ~ N(0, I), t in [0, 1] (t = 0 data, t = 1 noise):
   rectified_flow (Liu et al. 2022; Esser et al. 2024): alpha = 1 - t,
       sigma = t.
 
-Writing all three in the same (alpha, sigma) form lets one set of formulas
-serve them: the training targets, their exact inverse conversions, the SDE
-(derived from alpha and sigma rather than coded per process) and the
-probability-flow ODE of sde_samplers.py.
-
-A network may predict ('eps', 'x0', 'v', 'velocity'):
-  eps, x0   the two halves of x_t;
-  v         alpha eps - sigma x0 (Salimans & Ho 2022);
-  velocity  dx_t/dt = alpha'(t) x0 + sigma'(t) eps (rectified flow's eps - x0).
-Each is a fixed linear combination of (x0, eps) at a given t, so any of them
-together with x_t determines both (to_x0_eps). Their scales differ: the
-velocity of VP grows like 1/sigma as t -> 0, and v of VE like sigma_max, so
-'velocity' is the natural target for rectified flow and 'eps' or 'v' for VP.
+Writing all three in the same (alpha, sigma) form as the discrete DDPM
+schedule lets one set of formulas serve every process: the training targets
+and their exact inverses (denoiser.py), the SDE (derived from alpha and sigma
+rather than coded per process) and the probability-flow ODE of
+sde_samplers.py. The targets' scales differ: the velocity of VP grows like
+1/sigma as t -> 0, and v of VE like sigma_max, so 'velocity' is the natural
+target for rectified flow and 'eps' or 'v' for VP.
 
 t arrays have shape (B,) (or are scalars) and coefficients broadcast over the
 trailing image axes of x.
@@ -32,17 +26,12 @@ trailing image axes of x.
 import dataclasses
 import math
 import numbers
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
-# model_fn(x_t, t) -> prediction with the shape of x_t; t is the continuous
-# time of shape (B,) (the caller maps it through model_time for the network).
-ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+from diffusion_jax.diffusion.denoiser import bcast
 
 PROCESSES = ('vp', 've', 'rectified_flow')
-PREDICTIONS = ('eps', 'x0', 'v', 'velocity')
 
 # The smallest t trained and sampled when Process.t_min is not given. VP needs
 # t_min > 0: sigma(0) = 0, and the score -eps/sigma and x0 -> eps divide by it.
@@ -53,12 +42,6 @@ PREDICTIONS = ('eps', 'x0', 'v', 'velocity')
 # Rectified flow is well defined at t = 0 and integrates all the way to the
 # data.
 DEFAULT_T_MIN = {'vp': 1e-5, 've': 1e-5, 'rectified_flow': 0.0}
-
-
-def _bcast(coef: jax.Array, x: jax.Array) -> jax.Array:
-  """coef of shape (B,) (or ()) reshaped to broadcast against x (B, ...)."""
-  coef = jnp.asarray(coef)
-  return coef.reshape(coef.shape + (1,) * (x.ndim - coef.ndim)).astype(x.dtype)
 
 
 def _time(t) -> jax.Array:
@@ -119,6 +102,12 @@ class Process:
       raise ValueError('the VP process needs t_min > 0 (e.g. 1e-5): sigma(0) '
                        '= 0 and the score -eps/sigma diverges there')
 
+  is_discrete = False  # denoiser.py: t is a float in [0, 1]
+
+  def model_time(self, t: jax.Array) -> jax.Array:
+    """The network's time input (see the module function model_time)."""
+    return model_time(t)
+
   def alpha_sigma(self, t) -> tuple[jax.Array, jax.Array]:
     """(alpha(t), sigma(t)), each with the shape of t, float32."""
     t = _time(t)
@@ -176,7 +165,7 @@ class Process:
     d_alpha, d_sigma = self.derivatives(t)
     k = d_alpha / alpha
     g2 = 2.0 * sigma * d_sigma - 2.0 * k * sigma ** 2
-    return _bcast(k, x) * x, jnp.sqrt(jnp.maximum(g2, 0.0))
+    return bcast(k, x) * x, jnp.sqrt(jnp.maximum(g2, 0.0))
 
   @property
   def prior_std(self) -> float:
@@ -249,82 +238,3 @@ def sample_time(rng: jax.Array, n: int, *, method: str = 'uniform',
                        + logit_std * jax.random.normal(rng, (n,), jnp.float32))
   # Clipped: float32 rounding of t_min + span * u may step past t_max.
   return jnp.clip(t_min + (t_max - t_min) * u, t_min, t_max)
-
-
-def check_prediction(prediction: str) -> None:
-  if prediction not in PREDICTIONS:
-    raise ValueError(f'unknown prediction {prediction!r}: choose one of '
-                     f'{PREDICTIONS}')
-
-
-def q_sample(process: Process, x0: jax.Array, t: jax.Array,
-             eps: jax.Array) -> jax.Array:
-  """x_t = alpha(t) x0 + sigma(t) eps, with t of shape (B,)."""
-  alpha, sigma = process.alpha_sigma(t)
-  return _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * eps
-
-
-def target(process: Process, prediction: str, x0: jax.Array, eps: jax.Array,
-           t: jax.Array) -> jax.Array:
-  """What a network predicting `prediction` regresses onto at (x0, eps, t)."""
-  check_prediction(prediction)
-  if prediction == 'eps':
-    return eps
-  if prediction == 'x0':
-    return x0
-  if prediction == 'v':
-    alpha, sigma = process.alpha_sigma(t)
-    return _bcast(alpha, eps) * eps - _bcast(sigma, x0) * x0
-  d_alpha, d_sigma = process.derivatives(t)
-  return _bcast(d_alpha, x0) * x0 + _bcast(d_sigma, eps) * eps
-
-
-def to_x0_eps(process: Process, prediction: str, x_t: jax.Array,
-              t: jax.Array, output: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(x0_hat, eps_hat) from the network's output: the exact inverse of target.
-
-  Every prediction y is c_x x0 + c_e eps at time t; with x_t = alpha x0 +
-  sigma eps this is a 2x2 linear system in (x0, eps):
-    eps:      x0 = (x_t - sigma y) / alpha (singular where alpha = 0:
-              rectified flow at t = 1);
-    x0:       eps = (x_t - alpha y) / sigma (singular where sigma = 0);
-    v:        determinant alpha^2 + sigma^2 > 0, never singular;
-    velocity: determinant alpha sigma' - sigma alpha' (1 for rectified flow,
-              alpha beta / (2 sigma) for VP, sigma' for VE).
-  The returned pair always satisfies x_t = alpha x0_hat + sigma eps_hat.
-  """
-  check_prediction(prediction)
-  alpha, sigma = process.alpha_sigma(t)
-  a, s = _bcast(alpha, x_t), _bcast(sigma, x_t)
-  if prediction == 'eps':
-    return (x_t - s * output) / a, output
-  if prediction == 'x0':
-    return output, (x_t - a * output) / s
-  if prediction == 'v':
-    norm = a * a + s * s  # 1 for VP, but not for VE or rectified flow
-    return (a * x_t - s * output) / norm, (s * x_t + a * output) / norm
-  d_alpha, d_sigma = process.derivatives(t)
-  da, ds = _bcast(d_alpha, x_t), _bcast(d_sigma, x_t)
-  det = a * ds - s * da
-  return (ds * x_t - s * output) / det, (a * output - da * x_t) / det
-
-
-def score_from_eps(process: Process, t: jax.Array,
-                   eps: jax.Array) -> jax.Array:
-  """grad_x log q(x_t) estimate -eps / sigma(t): the score of q(x_t | x0) =
-  N(alpha x0, sigma^2 I) is -(x_t - alpha x0) / sigma^2 = -eps / sigma."""
-  return -eps / _bcast(process.alpha_sigma(t)[1], eps)
-
-
-def loss_given_noise(model_fn: ModelFn, process: Process, prediction: str,
-                     x0: jax.Array, t: jax.Array,
-                     noise: jax.Array) -> jax.Array:
-  """|| target - model_fn(x_t, t) ||^2, the mean over pixels and batch.
-
-  model_fn receives the continuous t of shape (B,); wrap the network with
-  model_time. Unweighted, like L_simple: the choice of prediction sets the
-  weighting over t (e.g. x0-MSE = eps-MSE * sigma^2 / alpha^2).
-  """
-  x_t = q_sample(process, x0, t, noise)
-  want = target(process, prediction, x0, noise, t)
-  return jnp.mean(jnp.square(want - model_fn(x_t, t)))

@@ -2,9 +2,9 @@
 
 All integrate backwards over the fixed grid t_i = linspace(1, t_min,
 num_steps + 1), i = 0..num_steps, from x = prior_std * z (z standard normal,
-passed in explicitly) to t_min. The network's raw output is turned into
-(x0_hat, eps_hat) with sde.to_x0_eps, so any prediction target works with any
-sampler. The noise of grid step i comes from keys folded from (rng, i), so a
+passed in explicitly) to t_min. They see the network only through the
+denoiser's (x0_hat, eps_hat) (denoiser.py), so any prediction target works
+with any sampler. The noise of grid step i comes from keys folded from (rng, i), so a
 fixed z and rng give the same samples on any device layout, and no sample
 depends on the values of the others in its batch.
 
@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.diffusion import sde
-from diffusion_jax.diffusion.sde import ModelFn, Process
+from diffusion_jax.diffusion import denoiser
+from diffusion_jax.diffusion.denoiser import DenoiseFn, bcast
+from diffusion_jax.diffusion.sde import Process
 
 SAMPLERS = ('euler', 'heun', 'euler_maruyama', 'pc')
 ODE_SAMPLERS = ('euler', 'heun')
@@ -38,13 +39,15 @@ def _check_num_steps(num_steps: int) -> None:
     raise ValueError(f'num_steps must be an integer >= 1, got {num_steps!r}')
 
 
-def check_sample_args(process: Process, prediction: str, sampler: str,
+def check_sample_args(process: Process, prediction: str | None, sampler: str,
                       num_steps: int) -> None:
   """Every check of a (process, prediction, sampler, num_steps) choice, so
-  callers can fail before training, loading or compiling anything."""
+  callers can fail before training, loading or compiling anything (the
+  samplers themselves, which see only a denoiser, pass prediction=None)."""
   if sampler not in SAMPLERS:
     raise ValueError(f'unknown sampler {sampler!r}: choose one of {SAMPLERS}')
-  sde.check_prediction(prediction)
+  if prediction is not None:
+    denoiser.check_prediction(prediction)
   _check_num_steps(num_steps)
   if process.kind == 'rectified_flow' and sampler not in ODE_SAMPLERS:
     raise ValueError(
@@ -58,12 +61,11 @@ def check_sample_args(process: Process, prediction: str, sampler: str,
         "eps_hat) / (1 - t) divides by zero; train 'velocity', 'v' or 'x0'")
 
 
-def _denoiser(model_fn: ModelFn, process: Process, prediction: str):
+def _at_scalar_time(denoise_fn: DenoiseFn):
   """(x, scalar t) -> (x0_hat, eps_hat, t as (B,))."""
   def denoise(x, t):
     t_batch = jnp.full((x.shape[0],), t, jnp.float32)
-    x0, eps = sde.to_x0_eps(process, prediction, x, t_batch,
-                            model_fn(x, t_batch))
+    x0, eps, _ = denoise_fn(x, t_batch)
     return x0, eps, t_batch
   return denoise
 
@@ -76,8 +78,7 @@ def _finish(x, denoise_fn, process: Process, denoise: bool):
   return denoise_fn(x, jnp.float32(process.t_min))[0].astype(x.dtype)
 
 
-def ode_sample(model_fn: ModelFn, process: Process, prediction: str,
-               z: jax.Array, rng: jax.Array | None = None, *, num_steps: int,
+def ode_sample(denoise_fn: DenoiseFn, process: Process, z: jax.Array, rng: jax.Array | None = None, *, num_steps: int,
                method: str = 'euler', denoise: bool = False) -> jax.Array:
   """The probability-flow ODE dx/dt = alpha'(t) x0_hat + sigma'(t) eps_hat.
 
@@ -102,13 +103,13 @@ def ode_sample(model_fn: ModelFn, process: Process, prediction: str,
   if method not in ODE_SAMPLERS:
     raise ValueError(f'unknown ODE method {method!r}: choose one of '
                      f'{ODE_SAMPLERS}')
-  check_sample_args(process, prediction, method, num_steps)
-  denoise_fn = _denoiser(model_fn, process, prediction)
+  check_sample_args(process, None, method, num_steps)
+  denoise_fn = _at_scalar_time(denoise_fn)
 
   def velocity(x, t):
     x0, eps, t_batch = denoise_fn(x, t)
     d_alpha, d_sigma = process.derivatives(t_batch)
-    return sde._bcast(d_alpha, x) * x0 + sde._bcast(d_sigma, x) * eps  # pylint: disable=protected-access
+    return bcast(d_alpha, x) * x0 + bcast(d_sigma, x) * eps
 
   def step(x, ts):
     t, t_next = ts
@@ -148,15 +149,15 @@ def _predictor_step(denoise_fn, process: Process, num_steps: int, rng, x,
   dt = (t_next - t).astype(x.dtype)
   _, eps, t_batch = denoise_fn(x, t)
   f, g = process.sde(x, t_batch)
-  g = sde._bcast(g, x)  # pylint: disable=protected-access
-  score = sde.score_from_eps(process, t_batch, eps)
+  g = bcast(g, x)
+  score = denoiser.score_from_eps(process, t_batch, eps)
   mean = x + (f - g * g * score) * dt
   w = jax.random.normal(_step_key(rng, i, 0), x.shape, x.dtype)
   return jnp.where(i < num_steps - 1, mean + g * jnp.sqrt(-dt) * w, mean)
 
 
-def euler_maruyama_sample(model_fn: ModelFn, process: Process,
-                          prediction: str, z: jax.Array,
+def euler_maruyama_sample(denoise_fn: DenoiseFn, process: Process,
+                          z: jax.Array,
                           rng: jax.Array | None = None, *, num_steps: int,
                           denoise: bool = False) -> jax.Array:
   """Euler-Maruyama on the reverse SDE (VP and VE only).
@@ -166,11 +167,11 @@ def euler_maruyama_sample(model_fn: ModelFn, process: Process,
   fold_in(fold_in(rng, i), 0). The last step adds no noise and returns its
   mean, as score_sde's samplers with noise_removal.
   """
-  check_sample_args(process, prediction, 'euler_maruyama', num_steps)
+  check_sample_args(process, None, 'euler_maruyama', num_steps)
   if rng is None:
     raise ValueError('euler_maruyama_sample needs an rng')
-  return _reverse_sde_sample(_denoiser(model_fn, process, prediction),
-                             process, num_steps, rng, z, denoise)
+  return _reverse_sde_sample(_at_scalar_time(denoise_fn), process,
+                             num_steps, rng, z, denoise)
 
 
 def _reverse_sde_sample(denoise_fn, process: Process, num_steps: int, rng,
@@ -190,8 +191,7 @@ def _reverse_sde_sample(denoise_fn, process: Process, num_steps: int, rng,
   return _finish(x, denoise_fn, process, denoise)
 
 
-def pc_sample(model_fn: ModelFn, process: Process, prediction: str,
-              z: jax.Array, rng: jax.Array | None = None, *, num_steps: int,
+def pc_sample(denoise_fn: DenoiseFn, process: Process, z: jax.Array, rng: jax.Array | None = None, *, num_steps: int,
               snr: float = 0.16, corrector_steps: int = 1,
               denoise: bool = False) -> jax.Array:
   """Predictor-corrector sampling (Song et al. 2021, Algorithms 2-3; VP, VE).
@@ -222,14 +222,14 @@ def pc_sample(model_fn: ModelFn, process: Process, prediction: str,
   is euler_maruyama_sample exactly. The last predictor step adds no noise
   (its mean is returned).
   """
-  check_sample_args(process, prediction, 'pc', num_steps)
+  check_sample_args(process, None, 'pc', num_steps)
   if rng is None:
     raise ValueError('pc_sample needs an rng')
   if corrector_steps < 0:
     raise ValueError(f'corrector_steps must be >= 0, got {corrector_steps}')
   if not snr > 0:
     raise ValueError(f'snr must be > 0, got {snr}')
-  denoise_fn = _denoiser(model_fn, process, prediction)
+  denoise_fn = _at_scalar_time(denoise_fn)
 
   def per_sample_norm(a):
     return jnp.sqrt(jnp.sum(jnp.square(a.reshape(a.shape[0], -1)), axis=-1))
@@ -239,14 +239,14 @@ def pc_sample(model_fn: ModelFn, process: Process, prediction: str,
 
     def langevin(j, x):
       _, eps, t_batch = denoise_fn(x, t)
-      score = sde.score_from_eps(process, t_batch, eps)
+      score = denoiser.score_from_eps(process, t_batch, eps)
       w = jax.random.normal(_step_key(rng, i, j + 1), x.shape, x.dtype)
       score_norm = per_sample_norm(score)
       ratio = snr * per_sample_norm(w) / jnp.where(score_norm > 0,
                                                    score_norm, 1.0)
       # A zero score (only if eps_hat = 0 exactly) gets no step at all.
       e = jnp.where(score_norm > 0, 2.0 * alpha_i * ratio ** 2, 0.0)
-      e = sde._bcast(e, x)  # pylint: disable=protected-access
+      e = bcast(e, x)
       return x + e * score + jnp.sqrt(2.0 * e) * w
 
     return jax.lax.fori_loop(0, corrector_steps, langevin, x)
@@ -255,20 +255,19 @@ def pc_sample(model_fn: ModelFn, process: Process, prediction: str,
                              corrector=correct)
 
 
-def sample(model_fn: ModelFn, process: Process, prediction: str,
-           z: jax.Array, rng: jax.Array | None, *, sampler: str,
+def sample(denoise_fn: DenoiseFn, process: Process, z: jax.Array, rng: jax.Array | None, *, sampler: str,
            num_steps: int, snr: float = 0.16, corrector_steps: int = 1,
            denoise: bool = False) -> jax.Array:
   """The sampler named `sampler` (one of SAMPLERS): 'euler' and 'heun'
   integrate the probability-flow ODE (every process), 'euler_maruyama' and
   'pc' the reverse SDE (VP and VE). z: standard normal noise of the output
-  shape; model_fn(x, t) takes the continuous t of shape (B,)."""
-  check_sample_args(process, prediction, sampler, num_steps)
+  shape; denoise_fn(x, t) takes the continuous t of shape (B,)."""
+  check_sample_args(process, None, sampler, num_steps)
   if sampler in ODE_SAMPLERS:
-    return ode_sample(model_fn, process, prediction, z, rng,
+    return ode_sample(denoise_fn, process, z, rng,
                       num_steps=num_steps, method=sampler, denoise=denoise)
   if sampler == 'euler_maruyama':
-    return euler_maruyama_sample(model_fn, process, prediction, z, rng,
+    return euler_maruyama_sample(denoise_fn, process, z, rng,
                                  num_steps=num_steps, denoise=denoise)
-  return pc_sample(model_fn, process, prediction, z, rng, num_steps=num_steps,
+  return pc_sample(denoise_fn, process, z, rng, num_steps=num_steps,
                    snr=snr, corrector_steps=corrector_steps, denoise=denoise)

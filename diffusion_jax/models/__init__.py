@@ -1,39 +1,58 @@
-"""Models registered by name (config.model.name)."""
+"""Networks registered by name (config.model.name): 'unet' and 'mlp'."""
 
 import jax.numpy as jnp
 import ml_collections
 
+from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def create_model(model_config: ml_collections.ConfigDict, out_channels: int):
-  """Builds the network named by config.model.name."""
-  if model_config.name != 'unet':
-    raise ValueError(f'unknown model {model_config.name!r}: set '
-                     "config.model.name to 'unet'")
-  if model_config.dtype not in _DTYPES:
-    raise ValueError(f'unknown dtype {model_config.dtype!r}: set '
-                     f'config.model.dtype to one of {sorted(_DTYPES)}')
-  for c in (model_config.ch, *[model_config.ch * m for m in model_config.ch_mult]):
-    if c % model_config.num_groups:
+def _unet(c: ml_collections.ConfigDict, out_channels: int, image_size: int):
+  """The DDPM U-Net (models/unet.py)."""
+  for ch in (c.ch, *[c.ch * m for m in c.ch_mult]):
+    if ch % c.num_groups:
       raise ValueError(
-          f'channel count {c} is not divisible by num_groups='
-          f'{model_config.num_groups}: change config.model.ch, ch_mult or '
-          'num_groups')
-  if model_config.num_classes < 0:
+          f'channel count {ch} is not divisible by num_groups='
+          f'{c.num_groups}: change config.model.ch, ch_mult or num_groups')
+  levels = len(c.ch_mult)
+  if image_size % 2 ** (levels - 1):
+    raise ValueError(
+        f'config.data.image_size={image_size} cannot be halved {levels - 1} '
+        f'times by the U-Net (config.model.ch_mult={tuple(c.ch_mult)}): '
+        'use fewer levels or another image size')
+  return UNet(out_channels=out_channels, ch=c.ch, ch_mult=tuple(c.ch_mult),
+              num_res_blocks=c.num_res_blocks,
+              attn_resolutions=tuple(c.attn_resolutions), dropout=c.dropout,
+              num_groups=c.num_groups, temb_dim=c.temb_dim,
+              dtype=_DTYPES[c.dtype], num_classes=c.num_classes)
+
+
+def _mlp(c: ml_collections.ConfigDict, out_channels: int, image_size: int):
+  """The residual MLP (models/mlp.py): width config.model.ch, depth
+  config.model.num_res_blocks; images are flattened."""
+  del image_size
+  return MLP(out_channels=out_channels, hidden=c.ch, depth=c.num_res_blocks,
+             temb_dim=c.temb_dim, num_classes=c.num_classes)
+
+
+MODELS = {'unet': _unet, 'mlp': _mlp}
+
+
+def create_model(model_config: ml_collections.ConfigDict, out_channels: int,
+                 image_size: int = 0):
+  """Builds the network named by config.model.name, after checking the
+  settings every network shares."""
+  c = model_config
+  if c.name not in MODELS:
+    raise ValueError(f'unknown model {c.name!r}: set config.model.name to one '
+                     f'of {tuple(MODELS)}')
+  if c.dtype not in _DTYPES:
+    raise ValueError(f'unknown dtype {c.dtype!r}: set config.model.dtype to '
+                     f'one of {sorted(_DTYPES)}')
+  if c.num_classes < 0:
     raise ValueError('config.model.num_classes must be >= 0 (0: unconditional)')
-  if not 0.0 <= model_config.label_dropout < 1.0:
+  if not 0.0 <= c.label_dropout < 1.0:
     raise ValueError('config.model.label_dropout must be in [0, 1)')
-  return UNet(
-      out_channels=out_channels,
-      ch=model_config.ch,
-      ch_mult=tuple(model_config.ch_mult),
-      num_res_blocks=model_config.num_res_blocks,
-      attn_resolutions=tuple(model_config.attn_resolutions),
-      dropout=model_config.dropout,
-      num_groups=model_config.num_groups,
-      temb_dim=model_config.temb_dim,
-      dtype=_DTYPES[model_config.dtype],
-      num_classes=model_config.num_classes)
+  return MODELS[c.name](c, out_channels, image_size)

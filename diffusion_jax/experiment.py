@@ -1,0 +1,233 @@
+"""Config to objects, once: checks, mesh, method, data and compiled functions.
+
+`build(config)` runs every check before anything is loaded or compiled and
+returns an `Experiment`: the objects the training loop (trainer.py), sample
+mode (sampling.py) and eval mode (evaluation.py) receive. Only this module
+reads the config; the others read the objects.
+
+Noise streams of one seed: training folds the step into key(seed); the
+training grid uses stream 1, sample mode and sample quality 1000 + batch
+index (so quality is measured on exactly the images sample mode writes) and
+the likelihood evaluation stream 2.
+"""
+
+import dataclasses
+from typing import Iterator
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
+
+from diffusion_jax import methods, parallel
+from diffusion_jax.data import pipeline
+from diffusion_jax.methods import Method
+from diffusion_jax.models import conv
+
+GRID_STREAM = 1
+EVAL_STREAM = 2
+SAMPLE_STREAM = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+  """What the training loop does when (config's top-level keys)."""
+  num_train_steps: int
+  batch_size: int
+  log_every_steps: int
+  checkpoint_every_steps: int
+  keep_checkpoints: int
+  steps_per_call: int
+  grid_every_steps: int  # config.sample_grid.every_steps; 0: never
+  grid_num_images: int
+  quality_every_steps: int  # config.sample_quality.every_steps; 0: never
+  quality_num_samples: int  # config.sample_quality.train_num_samples
+
+
+@dataclasses.dataclass(frozen=True)
+class QualitySettings:
+  """config.sample_quality: FID / IS / KID of samples (metrics/)."""
+  weights_path: str
+  reference: str
+  num_samples: int  # --mode=eval; 0 skips
+  resize_to: int
+  cache_dir: str  # '' = workdir/fid_stats
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything a mode needs, built once from the config."""
+  config: ml_collections.ConfigDict  # written to config.json, never read
+  mesh: Mesh
+  method: Method
+  seed: int
+  data: ml_collections.ConfigDict  # config.data, for the input pipeline
+  loop: LoopSettings
+  quality: QualitySettings
+  eval_batch_size: int
+  sample_batch_size: int
+  sample_num_images: int
+  progressive_timesteps: tuple[int, ...]
+  progressive_num_images: int
+
+  # ------------------------------------------------------------- state --
+
+  def init_state(self, rng: jax.Array | None = None):
+    """A fresh train state, replicated over the mesh (rng: key(seed))."""
+    rng = jax.random.key(self.seed) if rng is None else rng
+    return jax.jit(self.method.init,
+                   out_shardings=parallel.replicated(self.mesh))(rng)
+
+  def abstract_state(self):
+    """Shapes, dtypes and (replicated) shardings of the state, no compute."""
+    shapes = jax.eval_shape(self.method.init, jax.random.key(0))
+    repl = parallel.replicated(self.mesh)
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
+        shapes)
+
+  # ---------------------------------------------------- compiled steps --
+
+  def jit_train_step(self, steps_per_call: int | None = None):
+    """(state, batch) -> (state, metrics), jitted over the mesh; with
+    k = steps_per_call > 1 it takes a tuple of k batches and runs them in one
+    lax.scan (score_sde's way: one dispatch per k steps), metrics with a
+    leading k axis so logging and the NaN check still see every step."""
+    k = self.loop.steps_per_call if steps_per_call is None else steps_per_call
+    step = self.method.train_step
+    if k > 1:
+      one_step = step
+
+      def step(state, batches):
+        stacked = jax.tree.map(lambda *b: jax.numpy.stack(b), *batches)
+        return jax.lax.scan(one_step, state, stacked)
+    repl = parallel.replicated(self.mesh)
+    return jax.jit(step, in_shardings=(repl, parallel.batch_sharded(self.mesh)),
+                   out_shardings=(repl, repl), donate_argnums=(0,))
+
+  def jit_sample_fn(self, x0_at: tuple[int, ...] = ()):
+    """(params, noise, rng) -> images, noise sharded over 'data'. With x0_at
+    (diffusion, ddpm only) -> (images, x0 predictions (len(x0_at), B, ...))."""
+    batch = parallel.batch_sharded(self.mesh)
+    if x0_at:
+      fn = lambda p, z, r: self.method.sample_progressive(p, z, r, x0_at)
+      out = (batch, NamedSharding(self.mesh, P(None, parallel.DATA_AXIS)))
+    else:
+      fn, out = self.method.sample, batch
+    return jax.jit(fn, in_shardings=(parallel.replicated(self.mesh), batch,
+                                     None),
+                   out_shardings=out,
+                   compiler_options=conv.inference_compiler_options())
+
+  def sample_noise(self, num: int, stream: int) -> jax.Array:
+    """Fixed standard normal noise of stream `stream`, the same on any
+    device layout."""
+    shape = self.method.noise_shape(num)
+    make = jax.jit(lambda k: jax.random.normal(k, shape),
+                   out_shardings=parallel.batch_sharded(self.mesh))
+    return make(jax.random.fold_in(jax.random.key(self.seed), stream))
+
+  def sample_rng(self, stream: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(self.seed), stream)
+
+  def sample_batch_fn(self, params, batch_size: int, sample_fn=None):
+    """i -> batch i of samples from stream SAMPLE_STREAM + i (what sample
+    mode writes); for the sample-quality evaluator."""
+    sample_fn = sample_fn or self.jit_sample_fn()
+
+    def sample_batch(i: int) -> jax.Array:
+      stream = SAMPLE_STREAM + i
+      return sample_fn(params, self.sample_noise(batch_size, stream),
+                       self.sample_rng(stream))
+    return sample_batch
+
+  # -------------------------------------------------------------- data --
+
+  def train_iterator(self, start_step: int = 0) -> pipeline.BatchIterator:
+    return pipeline.create_train_iterator(
+        self.data, global_batch_size=self.loop.batch_size, seed=self.seed,
+        sharding=parallel.batch_sharded(self.mesh), start_step=start_step,
+        with_labels=self.method.with_labels)
+
+  def eval_iterator(self, split: str) -> Iterator[dict]:
+    return pipeline.create_eval_iterator(
+        self.data, split, global_batch_size=self.eval_batch_size,
+        sharding=parallel.batch_sharded(self.mesh))
+
+
+def _check_loop(config, mesh) -> None:
+  """Batch sizes fit the mesh; intervals are positive and fall on the
+  boundaries of compiled calls."""
+  parallel.check_batch_size(config.batch_size, mesh, 'config.batch_size')
+  if config.sample_grid.every_steps:
+    parallel.check_batch_size(config.sample_grid.num_images, mesh,
+                              'config.sample_grid.num_images')
+  for key in ('num_train_steps', 'log_every_steps', 'checkpoint_every_steps',
+              'steps_per_call', 'grad_accum_steps', 'keep_checkpoints'):
+    if config[key] <= 0:
+      raise ValueError(f'config.{key} must be positive, got {config[key]}')
+  # The loop only sees the state between calls, so every boundary must fall
+  # on a call boundary.
+  k = config.steps_per_call
+  for key, value in (('num_train_steps', config.num_train_steps),
+                     ('log_every_steps', config.log_every_steps),
+                     ('checkpoint_every_steps', config.checkpoint_every_steps),
+                     ('sample_grid.every_steps', config.sample_grid.every_steps),
+                     ('sample_quality.every_steps',
+                      config.sample_quality.every_steps)):
+    if value % k:
+      raise ValueError(
+          f'config.{key}={value} is not a multiple of '
+          f'config.steps_per_call={k}: the loop can only log, checkpoint or '
+          f'sample between calls of {k} steps. Set config.{key} to a multiple '
+          f'of {k} or lower config.steps_per_call.')
+  m = config.grad_accum_steps
+  per_device = config.batch_size // mesh.devices.size
+  if per_device % m:
+    raise ValueError(
+        f'config.grad_accum_steps={m} does not divide the per-device batch '
+        f'{per_device} (config.batch_size={config.batch_size} over '
+        f'{mesh.devices.size} devices): each device splits its own rows into '
+        f'{m} micro-batches. Use a divisor of {per_device}.')
+  if not 0.0 <= config.optim.ema_decay < 1.0:
+    raise ValueError('config.optim.ema_decay must be in [0, 1)')
+
+
+def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None, *,
+          mode: str = 'train', method: Method | None = None) -> Experiment:
+  """Checks the config for `mode` ('train', 'sample', 'eval') and builds the
+  objects; fails with the key's name before anything compiles. `method`
+  replaces the config's (benchmarks that train an MLP on points)."""
+  mesh = parallel.create_mesh() if mesh is None else mesh
+  if mode == 'train':
+    _check_loop(config, mesh)
+  if mode == 'sample':
+    parallel.check_batch_size(config.sample.batch_size, mesh,
+                              'config.sample.batch_size')
+  q = config.sample_quality
+  if mode == 'eval' or (mode == 'train' and q.every_steps):
+    parallel.check_batch_size(config.eval.batch_size, mesh,
+                              'config.eval.batch_size')
+  method = methods.create_method(config) if method is None else method
+  return Experiment(
+      config=config, mesh=mesh, method=method, seed=config.seed,
+      data=config.data,
+      loop=LoopSettings(
+          num_train_steps=config.num_train_steps,
+          batch_size=config.batch_size,
+          log_every_steps=config.log_every_steps,
+          checkpoint_every_steps=config.checkpoint_every_steps,
+          keep_checkpoints=config.keep_checkpoints,
+          steps_per_call=config.steps_per_call,
+          grid_every_steps=config.sample_grid.every_steps,
+          grid_num_images=config.sample_grid.num_images,
+          quality_every_steps=q.every_steps,
+          quality_num_samples=q.train_num_samples),
+      quality=QualitySettings(weights_path=q.weights_path,
+                              reference=q.reference,
+                              num_samples=q.num_samples,
+                              resize_to=q.resize_to, cache_dir=q.cache_dir),
+      eval_batch_size=config.eval.batch_size,
+      sample_batch_size=config.sample.batch_size,
+      sample_num_images=config.sample.num_images,
+      progressive_timesteps=tuple(config.sample.progressive_timesteps),
+      progressive_num_images=config.sample.progressive_num_images)

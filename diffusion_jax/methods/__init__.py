@@ -1,0 +1,29 @@
+"""Generative methods by name (config.method); each builds from the config.
+
+A new method subclasses methods.base.Method (or OneOptimizerMethod) and
+registers a `config -> Method` builder here, or with `register` from outside
+the package (a test registers a toy Gaussian this way).
+"""
+
+from typing import Callable
+
+from diffusion_jax.methods.base import Method, OneOptimizerMethod
+from diffusion_jax.methods.diffusion import DiffusionMethod
+
+METHODS: dict[str, Callable] = {'diffusion': DiffusionMethod.from_config}
+
+
+def register(name: str, build: Callable) -> None:
+  """Makes config.method=name build its method with build(config)."""
+  METHODS[name] = build
+
+
+def create_method(config) -> Method:
+  if config.method not in METHODS:
+    raise ValueError(f'unknown method {config.method!r}: set config.method '
+                     f'to one of {tuple(METHODS)}')
+  return METHODS[config.method](config)
+
+
+__all__ = ['Method', 'OneOptimizerMethod', 'DiffusionMethod', 'METHODS',
+           'register', 'create_method']

@@ -1,0 +1,195 @@
+"""The method interface the trainer runs, and the common one-optimizer step.
+
+A *method* is a generative model together with how it is trained, sampled
+and evaluated (VDM's `Experiment` split: the loop is generic, a method
+supplies the model-specific parts). The trainer, sample mode and eval mode
+call only what `Method` declares:
+
+  init(rng) -> state              networks, their init and optimizer states;
+                                  a pytree with an int `step` (checkpointed
+                                  whole).
+  train_step(state, batch)        pure; -> (state, metrics of scalars).
+  sample_params(state)            the parameters to sample and evaluate with
+                                  (the EMA ones).
+  sample(params, noise, rng)      pure; noise of `noise_shape(n)` -> n
+                                  images in [-1, 1].
+  log_likelihood(params, x, rng)  per-image negative log-likelihood (exact
+                                  or a bound) in bits/dim, or None.
+
+A method with one network and one optimizer subclasses `OneOptimizerMethod`
+and supplies only `init_params` and `loss` (and `draw` where randomness must
+be drawn per batch); a GAN's generator/discriminator alternation supplies
+the whole `train_step` over a state holding both parameter sets.
+"""
+
+import abc
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from diffusion_jax.train_state import TrainState, create_train_state, ema_update
+
+
+class Method(abc.ABC):
+  """A generative method, as the trainer sees it."""
+
+  name: str = 'method'
+  # One sample's shape, e.g. (H, W, C); samples and data batches share it.
+  image_shape: tuple[int, ...] = ()
+  # Whether data batches are (images, labels) rather than images.
+  with_labels: bool = False
+
+  @abc.abstractmethod
+  def init(self, rng: jax.Array) -> Any:
+    """A fresh train state: a pytree with an int32 scalar `step`."""
+
+  @abc.abstractmethod
+  def train_step(self, state: Any, batch: Any) -> tuple[Any, dict]:
+    """One update; pure (jitted by the trainer, k per call under lax.scan).
+
+    Metrics are float scalars; every one is checked for NaN/inf by the loop,
+    'loss' is shown on the progress bar, 'learning_rate' is logged as its
+    last value and every other metric as its mean over the logging interval.
+    """
+
+  def sample_params(self, state: Any) -> Any:
+    """What `sample` and `log_likelihood` take: the EMA parameters."""
+    return state.ema_params
+
+  def noise_shape(self, num: int) -> tuple[int, ...]:
+    """The shape of the standard normal noise `sample` turns into images."""
+    return (num, *self.image_shape)
+
+  @abc.abstractmethod
+  def sample(self, params: Any, noise: jax.Array, rng: jax.Array) -> jax.Array:
+    """Pure: noise -> images in [-1, 1], one per row of noise. `rng` is for
+    any further randomness, folded per step so results do not depend on the
+    device layout."""
+
+  def log_likelihood(self, params: Any, images: jax.Array,
+                     rng: jax.Array) -> dict | None:
+    """Per-image arrays with 'total_bpd' (B,), the negative log-likelihood
+    of 8-bit data (or an upper bound on it) in bits/dim, and any terms that
+    make it up; None where the method defines no likelihood."""
+    del params, images, rng
+    return None
+
+  def summarize_likelihood(self, means: dict) -> dict:
+    """The figures eval mode writes, from the data-set means of the arrays
+    `log_likelihood` returns."""
+    return {k: float(v) if getattr(v, 'ndim', 0) == 0 else
+            [float(x) for x in v] for k, v in means.items()}
+
+  def write_likelihood_figures(self, metrics: dict, out_dir) -> None:
+    """Plots of the evaluation into out_dir (an epath.Path); optional."""
+    del metrics, out_dir
+
+  def describe(self) -> str:
+    """One line for the log: what is trained."""
+    return self.name
+
+
+def micro_batches(x: jax.Array, m: int) -> jax.Array:
+  """(B, ...) -> (m, B/m, ...), micro-batch i = rows i, i+m, i+2m, ...
+
+  Strided, not contiguous: with B sharded over devices in contiguous blocks
+  of b = B/devices rows (b % m == 0), each device's micro-batch rows are its
+  own, so splitting moves no data between devices.
+  """
+  return jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
+
+
+def unmicro_batch(x: jax.Array) -> jax.Array:
+  """The inverse of micro_batches: (m, B/m, ...) -> (B, ...)."""
+  return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+class OneOptimizerMethod(Method):
+  """A method with one parameter set, one optax optimizer and an EMA.
+
+  Its state is `TrainState`. A subclass supplies `init_params` and `loss`;
+  `draw` (per-example randomness for the whole batch) and the auxiliary
+  state hooks are optional.
+
+  With grad_accum_steps = m > 1 the batch is split into m micro-batches (a
+  lax.scan), their gradients averaged, then one optimizer update. Whatever
+  `draw` returns is drawn for the whole batch first and sliced, so with no
+  dropout the update equals the plain step's up to float summation order;
+  the rng given to `loss` is folded with the micro-batch index (dropout
+  masks: the same distribution, not the same masks).
+  """
+
+  def __init__(self, *, optimizer: optax.GradientTransformation,
+               learning_rate_fn, ema_decay: float, seed: int,
+               grad_accum_steps: int = 1):
+    self.optimizer = optimizer
+    self.learning_rate_fn = learning_rate_fn
+    self.ema_decay = ema_decay
+    self.seed = seed
+    self.grad_accum_steps = grad_accum_steps
+
+  @abc.abstractmethod
+  def init_params(self, rng: jax.Array) -> Any:
+    """The network parameters."""
+
+  @abc.abstractmethod
+  def loss(self, params: Any, xs: Any, rng: jax.Array
+           ) -> tuple[jax.Array, jax.Array]:
+    """(mean loss to minimise, per-example values (B,)) of `draw`'s rows."""
+
+  def draw(self, batch: Any, rng: jax.Array, aux_state: Any) -> Any:
+    """Everything random per example, for the whole batch: a pytree whose
+    leaves have the batch as leading axis (gradient accumulation slices
+    it). The default is the batch itself."""
+    del rng, aux_state
+    return batch
+
+  def init_aux_state(self) -> Any:
+    """State the method carries between steps besides the parameters (e.g.
+    diffusion's loss history for importance sampling); None if none."""
+    return None
+
+  def update_aux_state(self, aux_state: Any, xs: Any,
+                       values: jax.Array) -> Any:
+    del xs, values
+    return aux_state
+
+  def init(self, rng: jax.Array) -> TrainState:
+    return create_train_state(self.init_params(rng), self.optimizer,
+                              self.init_aux_state())
+
+  def train_step(self, state: TrainState, batch: Any):
+    # RNG from (seed, step): a resumed run draws the same numbers.
+    rng = jax.random.fold_in(jax.random.key(self.seed), state.step)
+    draw_rng, loss_rng = jax.random.split(rng)
+    xs = self.draw(batch, draw_rng, state.loss_history)
+    grad_fn = jax.value_and_grad(self.loss, has_aux=True)
+    m = self.grad_accum_steps
+    if m == 1:
+      (loss, values), grads = grad_fn(state.params, xs, loss_rng)
+    else:
+      def accumulate(carry, i_xs):
+        i, xs_i = i_xs
+        (loss_i, values_i), grads_i = grad_fn(
+            state.params, xs_i, jax.random.fold_in(loss_rng, i))
+        return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), values_i
+
+      zeros = (jnp.zeros((), jnp.float32),
+               jax.tree.map(jnp.zeros_like, state.params))
+      (loss, grads), values = jax.lax.scan(accumulate, zeros, (
+          jnp.arange(m), jax.tree.map(lambda a: micro_batches(a, m), xs)))
+      values = unmicro_batch(values)
+      # Equal-sized micro-batches: the mean of their means is the batch mean.
+      loss, grads = jax.tree.map(lambda g: g / m, (loss, grads))
+    updates, opt_state = self.optimizer.update(grads, state.opt_state,
+                                               state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state,
+        ema_params=ema_update(state.ema_params, params, self.ema_decay),
+        loss_history=self.update_aux_state(state.loss_history, xs, values))
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+               'learning_rate': self.learning_rate_fn(state.step)}
+    return new_state, metrics

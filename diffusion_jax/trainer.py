@@ -1,0 +1,260 @@
+"""The training loop: any method's jitted step, checkpoints, logs, samples.
+
+It receives an `experiment.Experiment` and calls only the method interface
+(methods/base.py): init, train_step, sample_params, sample. Data parallelism
+is `jax.jit` over a 1-D device mesh: the batch is sharded on the 'data'
+axis, the state is replicated, XLA inserts the gradient all-reduce. The same
+code runs on 1 CPU, a TPU v3-8 or many hosts.
+
+Scale-out: SIGTERM (a preemption notice) makes every process save at the
+same step and return cleanly (preemption.PreemptionGuard); the loop runs
+loop.steps_per_call steps per compiled call. Work directories may be gs://
+paths (etils.epath), never passed to os.path.abspath/os.makedirs.
+"""
+
+import os
+import time
+
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+from etils import epath
+import jax
+import numpy as np
+import optax
+import tqdm
+
+from diffusion_jax import checkpointing, parallel, visualization
+from diffusion_jax.experiment import GRID_STREAM, Experiment
+from diffusion_jax.metrics import sample_quality
+from diffusion_jax.preemption import PreemptionGuard
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training diverged; the message names the step and the kept checkpoint."""
+
+
+def write_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    path = epath.Path(workdir)  # Local or gs://.
+    path.mkdir(parents=True, exist_ok=True)
+    (path / 'config.json').write_text(
+        config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _finite(tree) -> bool:
+  """Whether every float leaf of a state is finite."""
+  floats = [x for x in jax.tree.leaves(tree)
+            if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)]
+  return bool(np.isfinite(float(optax.tree.norm(floats))))
+
+
+def _flush_metrics(pending, first_step, writer, checkpointer, t_last, t_now):
+  """Pulls per-step metrics to host, fails on NaN/inf, writes means."""
+  # Each entry holds one call's metrics: scalars, or (k,) with steps_per_call.
+  host = jax.device_get(pending)
+  values = {key: np.concatenate([np.atleast_1d(m[key]) for m in host])
+            for key in host[0]}
+  for key, v in values.items():
+    bad = np.flatnonzero(~np.isfinite(v))
+    if bad.size:
+      step = first_step + int(bad[0]) + 1
+      checkpointer.wait_until_finished()
+      raise NonFiniteLossError(
+          f'non-finite {key} ({v[bad[0]]}) at step {step}. The last good '
+          f'checkpoint (step {checkpointer.latest_step()}) in '
+          f'{checkpointer.directory} is kept untouched; lower '
+          'config.optim.learning_rate, raise config.optim.warmup_steps or '
+          'check the data, then rerun to resume from it.')
+  num_steps = len(next(iter(values.values())))
+  summary = {key: float(v[-1] if key == 'learning_rate' else v.mean())
+             for key, v in values.items()}
+  if t_now > t_last:
+    summary['steps_per_sec'] = num_steps / (t_now - t_last)
+  writer.write_scalars(first_step + num_steps, summary)
+  return summary
+
+
+def _write_grid(exp: Experiment, workdir, writer, step, sample_fn, params,
+                noise):
+  images = visualization.to_uint8(parallel.gather(
+      sample_fn(params, noise, exp.sample_rng(0))))
+  grid = visualization.make_grid(images)
+  if jax.process_index() == 0:
+    path = visualization.save_png(
+        os.path.join(workdir, 'samples', f'ema_step_{step:08d}.png'), grid)
+    logging.info('EMA samples at step %d: %s', step, path)
+  writer.write_images(step, {'ema_samples': grid[None]})
+
+
+def _write_sample_quality(exp: Experiment, workdir, writer, step, params,
+                          inception_params, sample_fn):
+  """Periodic FID / IS / KID of EMA samples to TensorBoard."""
+  q = exp.quality
+  quality = sample_quality.compute_sample_quality(
+      exp.sample_batch_fn(params, exp.eval_batch_size, sample_fn),
+      data_config=exp.data, mesh=exp.mesh, batch_size=exp.eval_batch_size,
+      num_samples=exp.loop.quality_num_samples,
+      inception_params=inception_params, seed=exp.seed, reference=q.reference,
+      resize_to=q.resize_to,
+      cache_dir=q.cache_dir or os.path.join(workdir, 'fid_stats'))
+  writer.write_scalars(step, {f'sample_quality/{k}': quality[k]
+                              for k in ('fid', 'is_mean', 'kid_mean')
+                              if quality.get(k) is not None})
+  logging.info('Step %d: FID %.3f vs %s statistics over %d EMA samples%s',
+               step, quality['fid'], quality['fid_vs'], quality['num_samples'],
+               '' if quality['comparable_to_published'] else
+               ' (not comparable to published numbers)')
+
+
+def _restore_or_init(exp: Experiment, checkpointer, train_iter, latest):
+  if latest is None:
+    return exp.init_state()
+  state, data_state = checkpointer.restore(exp.abstract_state(), latest)
+  train_iter.set_state(data_state)
+  logging.info('Resumed from %s step %d', checkpointer.directory, latest)
+  return state
+
+
+def train_and_evaluate(exp: Experiment, workdir: str):
+  """Trains (resuming from workdir if it holds a checkpoint); returns the
+  final state."""
+  loop, mesh, method = exp.loop, exp.mesh, exp.method
+  checkpointer = checkpointing.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), max_to_keep=loop.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    # Fails on a checkpoint of another model before anything compiles.
+    checkpointer.check_compatible(exp.abstract_state(), latest)
+  train_iter = exp.train_iterator(start_step=latest or 0)
+  write_config(exp.config, workdir)
+  state = _restore_or_init(exp, checkpointer, train_iter, latest)
+  start_step = int(jax.device_get(state.step))
+  k = loop.steps_per_call
+  if start_step % k:
+    raise ValueError(
+        f'resuming at step {start_step}, which is not a multiple of '
+        f'config.steps_per_call={k} (the run that wrote it used another '
+        'value): set config.steps_per_call to a divisor of '
+        f'{start_step} and of the intervals.')
+
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  params = method.sample_params(state)
+  num_params = parameter_overview.count_parameters(params)
+  if jax.process_index() == 0:
+    parameter_overview.log_parameter_overview(params)
+  logging.info(
+      'Method %s; %s parameters. Mesh: %s over %d devices (%s) on %d '
+      'process(es). Global batch %d, per device %d.', method.describe(),
+      f'{num_params:,}', dict(mesh.shape), mesh.devices.size,
+      jax.devices()[0].platform, jax.process_count(), loop.batch_size,
+      loop.batch_size // mesh.devices.size)
+  writer.write_hparams({'num_params': num_params,
+                        'batch_size': loop.batch_size,
+                        'num_devices': int(mesh.devices.size)})
+
+  train_step = exp.jit_train_step()
+  sample_fn = grid_noise = inception_params = None
+  if loop.grid_every_steps or loop.quality_every_steps:
+    sample_fn = exp.jit_sample_fn()
+  if loop.grid_every_steps:
+    grid_noise = exp.sample_noise(loop.grid_num_images, GRID_STREAM)
+  if loop.quality_every_steps:
+    inception_params = sample_quality.load_inception(exp.quality.weights_path)
+
+  num_steps = loop.num_train_steps
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps,
+                                           writer=writer, every_secs=None,
+                                           every_steps=loop.log_every_steps)
+  bar = tqdm.tqdm(total=num_steps, initial=start_step, unit='step',
+                  dynamic_ncols=True, disable=jax.process_index() > 0,
+                  desc='train')
+  pending, first_pending = [], start_step
+  t_last = time.perf_counter()
+  eta_logged, timing_start, preempted = False, None, False
+  with PreemptionGuard() as guard:
+    try:
+      for done in range(start_step + k, num_steps + 1, k):
+        batch = next(train_iter) if k == 1 else tuple(
+            next(train_iter) for _ in range(k))
+        state, metrics = train_step(state, batch)
+        pending.append(metrics)
+        bar.update(k)
+        for s in range(done - k + 1, done + 1):
+          report(s)  # It insists on being called at every step.
+        calls = (done - start_step) // k
+        if timing_start is None and calls == 2:
+          jax.block_until_ready(state.step)  # first calls include compilation
+          timing_start = (done, time.perf_counter())
+        elif (not eta_logged and timing_start and
+              done - timing_start[0] >= max(10, k)):
+          jax.block_until_ready(state.step)
+          sec = (time.perf_counter() - timing_start[1]) / (done - timing_start[0])
+          logging.info('Measured %.4f s/step (%.1f images/s): %d steps take '
+                       'about %s.', sec, loop.batch_size / sec, num_steps,
+                       _hms(sec * (num_steps - start_step)))
+          eta_logged = True
+        is_last = done == num_steps
+        # Every process asks at every call with the same id (done // k).
+        preempted = guard.reached(done // k) and not is_last
+        save_now = (done % loop.checkpoint_every_steps == 0 or is_last or
+                    preempted)
+        if done % loop.log_every_steps == 0 or save_now:
+          t_now = time.perf_counter()
+          summary = _flush_metrics(pending, first_pending, writer,
+                                   checkpointer, t_last, t_now)
+          if 'steps_per_sec' in summary:
+            writer.write_scalars(done, {'images_per_sec':
+                                        summary['steps_per_sec'] *
+                                        loop.batch_size})
+          if 'loss' in summary:
+            bar.set_postfix(loss=f"{summary['loss']:.4f}")
+          pending, first_pending, t_last = [], done, t_now
+        if save_now:
+          # The loss of the last step was computed before its update; check
+          # the updated state too so a diverged state is never written.
+          if not _finite(state):
+            checkpointer.wait_until_finished()
+            raise NonFiniteLossError(
+                f'non-finite parameters after step {done}. The last good '
+                f'checkpoint (step {checkpointer.latest_step()}) is kept; '
+                'lower config.optim.learning_rate and rerun to resume from '
+                'it.')
+          checkpointer.save(done, state, train_iter.get_state())
+        if preempted:
+          break
+        if grid_noise is not None and (
+            done % loop.grid_every_steps == 0 or is_last):
+          _write_grid(exp, workdir, writer, done, sample_fn,
+                      method.sample_params(state), grid_noise)
+        if inception_params and (done % loop.quality_every_steps == 0
+                                 or is_last):
+          _write_sample_quality(exp, workdir, writer, done,
+                                method.sample_params(state), inception_params,
+                                sample_fn)
+    finally:
+      # Join the prefetch thread: a daemon thread still inside XLA when the
+      # interpreter exits aborts the process (exit code 134, not 0).
+      train_iter.close()
+      bar.close()
+      checkpointer.wait_until_finished()
+      writer.flush()
+  step = int(jax.device_get(state.step))
+  if preempted:
+    logging.warning(
+        'Preempted (SIGTERM) at step %d of %d: saved checkpoint step %d in '
+        '%s. Re-run the same command to resume from it.', step, num_steps,
+        step, checkpointer.directory)
+  else:
+    logging.info('Finished at step %d. Checkpoints: %s; samples: %s; '
+                 'TensorBoard logs: %s', step, checkpointer.directory,
+                 os.path.join(workdir, 'samples'), workdir)
+  checkpointer.close()
+  return state
+
+
+def _hms(seconds: float) -> str:
+  seconds = int(round(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
