@@ -7,7 +7,7 @@ r"""Inception feature extraction speed, and FIDs with the random network.
 2. FIDs against the digits test split (300 images), with RANDOM Inception
    weights (none exist offline), so only the ordering means anything:
    digits train images (real data: should be lowest), EMA samples of the
-   run in --workdir if it has a checkpoint (via compute_sample_metrics), and
+   run in --workdir if it has a checkpoint (via compute_sample_quality), and
    uniform noise (should be highest). FIDs from so few images are strongly
    biased upwards; they are no published-comparable numbers.
 """
@@ -24,10 +24,10 @@ import jax
 import numpy as np
 
 from configs import default
-from diffusion_jax import generate, parallel
-from diffusion_jax.metrics import inception
-from diffusion_jax.data import pipeline as input_pipeline
-from diffusion_jax.metrics import sample_quality as sample_metrics
+from diffusion_jax import experiment, generate, parallel
+from diffusion_jax.data import sources
+from diffusion_jax.metrics import distances, feature_stats, inception
+from diffusion_jax.metrics import sample_quality
 
 flags.DEFINE_integer('num_timed', 32, 'Images timed for the 10k estimate.')
 flags.DEFINE_integer('batch_size', 16, 'Inception batch (global).')
@@ -41,22 +41,22 @@ FLAGS = flags.FLAGS
 
 def _features(fn, variables, mesh, images_u8, batch):
   """uint8 NHWC -> FeatureStats, padded to whole batches."""
-  stats = sample_metrics.FeatureStats(max_kid_features=0)
+  stats = feature_stats.FeatureStats(max_kid_features=0)
   x = images_u8.astype(np.float32) / 127.5 - 1.0
   pad = -len(x) % batch
   x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], np.float32)])
   sharding = parallel.batch_sharded(mesh)
   batches = ((jax.device_put(x[i:i + batch], sharding), None)
              for i in range(0, len(x), batch))
-  return sample_metrics.accumulate_features(stats, fn, variables, batches,
+  return sample_quality.accumulate_features(stats, fn, variables, batches,
                                             num=len(images_u8))
 
 
 def main(_):
   mesh = parallel.create_mesh()
   params = inception.random_params(0)
-  variables = sample_metrics.replicate(params, mesh)
-  fn = sample_metrics.make_feature_fn(mesh, FLAGS.resize_to)
+  variables = sample_quality.replicate(params, mesh)
+  fn = sample_quality.make_feature_fn(mesh, FLAGS.resize_to)
   b = FLAGS.batch_size
   rng = np.random.default_rng(0)
   x = jax.device_put(rng.uniform(-1, 1, (b, 32, 32, 3)).astype(np.float32),
@@ -77,8 +77,8 @@ def main(_):
 
   config = default.get_config()
   n = FLAGS.num_fid
-  test = input_pipeline.load_split(config.data, 'test').images
-  train_imgs = input_pipeline.load_split(config.data, 'train').images[:n]
+  test = sources.load_split(config.data, 'test').images
+  train_imgs = sources.load_split(config.data, 'train').images[:n]
   noise = rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
   ref = _features(fn, variables, mesh, test, b)
   print(f'RANDOM-network FID vs digits test ({ref.count} images), '
@@ -86,24 +86,28 @@ def main(_):
   for name, imgs in (('digits train images', train_imgs),
                      ('uniform noise', noise)):
     s = _features(fn, variables, mesh, imgs, b)
-    fid = sample_metrics.frechet_distance(ref.mu, ref.sigma, s.mu, s.sigma)
+    fid = distances.frechet_distance(ref.mu, ref.sigma, s.mu, s.sigma)
     print(f'  {name:22s} FID {fid:10.4f}')
   if os.path.isdir(os.path.join(FLAGS.workdir, 'checkpoints')):
     config.sample.batch_size = 64
     t0 = time.perf_counter()
     try:
-      ema, step = generate.load_ema_params(config, FLAGS.workdir, mesh)
+      exp = experiment.build(config, mesh, mode='sample')
+      ema, step = generate.load_sample_params(exp, FLAGS.workdir)
     except Exception as e:  # pylint: disable=broad-except
       print(f'  (no samples: {FLAGS.workdir} does not restore with '
             f'configs/default.py: {e})')
       return
-    out = sample_metrics.compute_sample_metrics(
-        config, FLAGS.workdir, mesh, ema, num_samples=n,
-        inception_params=params, resize_to=FLAGS.resize_to, kid_subsets=10,
+    out = sample_quality.compute_sample_quality(
+        exp.sample_batch_fn(ema, config.sample.batch_size),  # sample mode's x_T
+        data_config=config.data, mesh=mesh,
+        batch_size=config.sample.batch_size, num_samples=n,
+        inception_params=params, seed=config.seed, resize_to=FLAGS.resize_to,
+        kid_subsets=10,
         cache_dir=tempfile.mkdtemp(prefix='fid_stats_'))  # not the run's dir
     print(f'  {"EMA samples, step " + str(step):22s} FID {out["fid"]:10.4f} '
           f'IS {out["is_mean"]:.3f} KID {out["kid_mean"]:.4f} '
-          f'(compute_sample_metrics, {time.perf_counter() - t0:.0f} s incl. '
+          f'(compute_sample_quality, {time.perf_counter() - t0:.0f} s incl. '
           f'1000-step sampling)')
 
 

@@ -26,9 +26,9 @@ import jax
 import numpy as np
 
 from diffusion_jax import checkpointing, parallel
-from diffusion_jax.data import pipeline as input_pipeline
 from diffusion_jax import train
-from diffusion_jax.metrics import sample_quality as sample_metrics
+from diffusion_jax.data import sources
+from diffusion_jax.metrics import distances
 
 flags.DEFINE_integer('steps', 1500, 'Training steps per objective.')
 flags.DEFINE_string('only', '', 'Comma-separated objective names.')
@@ -77,7 +77,7 @@ def sample_images(config, model, schedule, params, mesh, seed: int = 0):
   rng = jax.random.key(seed)
   jax.block_until_ready(fn(params, x_T, rng))  # compile
   start = time.perf_counter()
-  images = train.gather(fn(params, x_T, rng))
+  images = parallel.gather(fn(params, x_T, rng))
   return images, time.perf_counter() - start
 
 
@@ -87,13 +87,13 @@ def to_pixels(images: np.ndarray) -> np.ndarray:
 
 
 def scores(samples, reference) -> dict:
-  return dict(swd=sample_metrics.sliced_wasserstein(samples, reference),
-              mmd=sample_metrics.mmd_rbf(samples, reference))
+  return dict(swd=distances.sliced_wasserstein(samples, reference),
+              mmd=distances.mmd_rbf(samples, reference))
 
 
 def data_floor(config) -> tuple[np.ndarray, dict]:
-  test = input_pipeline.load_split(config.data, 'test').images
-  train_images = input_pipeline.load_split(config.data, 'train').images
+  test = sources.load_split(config.data, 'test').images
+  train_images = sources.load_split(config.data, 'train').images
   pick = np.random.default_rng(0).choice(len(train_images), NUM, replace=False)
   as_float = lambda x: x.astype(np.float64) / 127.5 - 1
   return as_float(test), scores(as_float(train_images[pick]), as_float(test))

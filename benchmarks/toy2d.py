@@ -24,7 +24,7 @@ import numpy as np
 
 from configs import default
 from diffusion_jax import parallel, train, train_state
-from diffusion_jax.metrics import sample_quality as sample_metrics
+from diffusion_jax.metrics import distances
 from diffusion_jax.models.mlp import MLP
 
 flags.DEFINE_integer('steps', 3000, 'Training steps per objective.')
@@ -119,8 +119,8 @@ def draw(config, model, schedule, params, sampler: str, num_steps: int,
 
 
 def scores(samples: np.ndarray, heldout: np.ndarray) -> dict:
-  return dict(swd=sample_metrics.sliced_wasserstein(samples, heldout),
-              mmd=sample_metrics.mmd_rbf(samples, heldout, bandwidth=0.1))
+  return dict(swd=distances.sliced_wasserstein(samples, heldout),
+              mmd=distances.mmd_rbf(samples, heldout, bandwidth=0.1))
 
 
 def run(names, steps: int, num: int):

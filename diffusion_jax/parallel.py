@@ -1,6 +1,7 @@
-"""The device mesh and the two shardings a data-parallel run needs."""
+"""The device mesh, the two shardings a data-parallel run needs, gather."""
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -31,3 +32,11 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, what: str) -> int:
         f'{num_devices} devices of the mesh ({jax.process_count()} '
         f'process(es)): set {what} to a multiple of {num_devices}')
   return global_batch_size // num_devices
+
+
+def gather(x: jax.Array) -> np.ndarray:
+  """A batch-sharded array as one numpy array on every process (a plain
+  device_get only sees this process's shards on a multi-host run)."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -19,6 +19,7 @@ import pytest
 
 from configs import cifar10_ddpm, default
 from diffusion_jax.convert import diffusers as cd
+from diffusion_jax.convert import diffusers_cli
 from diffusion_jax import generate, parallel, train
 from tests.util import tiny_config
 
@@ -331,7 +332,7 @@ def test_cli_writes_a_checkpoint_that_sample_mode_restores(tmp_path):
   hf = _hf_model(TINY_CONFIG)
   hf.save_pretrained(tmp_path / 'src')
   workdir = tmp_path / 'run'
-  cmd = [sys.executable, '-m', 'diffusion_jax.convert.diffusers',
+  cmd = [sys.executable, '-m', 'diffusion_jax.convert.diffusers_cli',
          f'--src={tmp_path / "src"}', f'--workdir={workdir}',
          '--config=configs/default.py']
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
@@ -352,4 +353,5 @@ def test_cli_writes_a_checkpoint_that_sample_mode_restores(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(ema), want)
 
   with pytest.raises(ValueError, match='already holds checkpoints'):
-    cd.convert_to_workdir(str(tmp_path / 'src'), str(workdir), tiny_config())
+    diffusers_cli.convert_to_workdir(str(tmp_path / 'src'), str(workdir),
+                                     tiny_config())

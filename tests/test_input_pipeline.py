@@ -1,4 +1,4 @@
-"""Tests for diffusion_jax.data.pipeline (offline; 8 simulated devices)."""
+"""Tests for diffusion_jax.data.sources and .pipeline (offline, 8 devices)."""
 
 import gc
 import gzip
@@ -15,7 +15,8 @@ from PIL import Image
 import pytest
 
 from diffusion_jax.data import pipeline as ip
-from diffusion_jax.data.pipeline import DataError
+from diffusion_jax.data import sources
+from diffusion_jax.data.sources import DataError
 
 
 def _load_default_config():
@@ -70,8 +71,8 @@ def data_mesh_sharding():
 
 def test_digits_splits():
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
-  train = ip.load_split(data_config(), 'train')
-  test = ip.load_split(data_config(), 'test')
+  train = sources.load_split(data_config(), 'train')
+  test = sources.load_split(data_config(), 'test')
   assert train.images.shape == (1497, 8, 8, 1)
   assert test.images.shape == (300, 8, 8, 1)
   assert train.images.dtype == np.uint8 and train.labels.dtype == np.int32
@@ -83,7 +84,7 @@ def test_digits_splits():
   np.testing.assert_array_equal(
       np.concatenate([train.labels, test.labels]), digits.target)
   with pytest.raises(DataError, match='eval_split'):
-    ip.load_split(data_config(), 'validation')
+    sources.load_split(data_config(), 'validation')
 
 
 def test_train_batches_shape_and_range():
@@ -210,7 +211,7 @@ def test_idx_round_trip(tmp_path, ext):
     write_idx(tmp_path / f'{prefix}-labels-idx1-ubyte{ext}', data[prefix][1], 1)
   cfg = data_config(source='idx', data_dir=str(tmp_path), image_size=4)
   for split, prefix in (('train', 'train'), ('test', 't10k')):
-    loaded = ip.load_split(cfg, split)
+    loaded = sources.load_split(cfg, split)
     np.testing.assert_array_equal(loaded.images[..., 0], data[prefix][0])
     np.testing.assert_array_equal(loaded.labels, data[prefix][1])
 
@@ -225,7 +226,7 @@ def test_idx_corrupt_file(tmp_path, damage):
                    else raw[:-10])
   cfg = data_config(source='idx', data_dir=str(tmp_path), image_size=4)
   with pytest.raises(DataError, match='re-copy'):
-    ip.load_split(cfg, 'train')
+    sources.load_split(cfg, 'train')
 
 
 @pytest.mark.parametrize('channels,mode', [(3, 'RGB'), (1, 'L')])
@@ -239,19 +240,19 @@ def test_image_folder_round_trip(tmp_path, channels, mode):
   Image.new('RGB', (30, 20), (10, 200, 30)).save(tmp_path / 'train' / 'b.jpg')
   cfg = data_config(source='image_folder', data_dir=str(tmp_path),
                     image_size=6, channels=channels)
-  loaded = ip.load_split(cfg, 'train')
+  loaded = sources.load_split(cfg, 'train')
   assert loaded.images.shape == (4, 6, 6, channels) and loaded.labels is None
   np.testing.assert_array_equal(loaded.images[:3], images)
   with pytest.raises(DataError, match='test'):
-    ip.load_split(cfg, 'test')
+    sources.load_split(cfg, 'test')
 
 
 def test_flat_image_folder_is_train_only(tmp_path):
   Image.new('L', (8, 8), 7).save(tmp_path / 'x.png')
   cfg = data_config(source='image_folder', data_dir=str(tmp_path))
-  assert ip.load_split(cfg, 'train').images.shape == (1, 8, 8, 1)
+  assert sources.load_split(cfg, 'train').images.shape == (1, 8, 8, 1)
   with pytest.raises(DataError):
-    ip.load_split(cfg, 'test')
+    sources.load_split(cfg, 'test')
 
 
 def test_prefetch_thread_reports_errors_and_stops(tmp_path):
@@ -278,14 +279,14 @@ def test_npz_round_trip(tmp_path):
   np.savez(path, train_images=train, train_labels=np.arange(5),
            test_images=test)
   cfg = data_config(source='npz', data_dir=str(path), image_size=4)
-  loaded = ip.load_split(cfg, 'train')
+  loaded = sources.load_split(cfg, 'train')
   np.testing.assert_array_equal(loaded.images[..., 0], train)
   np.testing.assert_array_equal(loaded.labels, np.arange(5))
-  loaded = ip.load_split(cfg, 'test')
+  loaded = sources.load_split(cfg, 'test')
   np.testing.assert_array_equal(loaded.images, test)
   assert loaded.labels is None
   with pytest.raises(DataError, match='validation_images'):
-    ip.load_split(cfg, 'validation')
+    sources.load_split(cfg, 'validation')
 
 
 @pytest.fixture(scope='module')
@@ -313,16 +314,17 @@ def test_tfds_round_trip(tfds_dir, name):
   root, images = tfds_dir
   cfg = data_config(source='tfds', name=name, data_dir=str(root),
                     image_size=4, channels=3)
-  train = ip.load_split(cfg, 'train')
+  train = sources.load_split(cfg, 'train')
   np.testing.assert_array_equal(train.images, images[:4])
   np.testing.assert_array_equal(train.labels, [0, 1, 2, 0])
-  test = ip.load_split(cfg, 'test')
+  test = sources.load_split(cfg, 'test')
   np.testing.assert_array_equal(test.images, images[4:])
   batch = next(train_iter(cfg, batch=4))
   assert batch.shape == (4, 4, 4, 3)
   with pytest.raises(DataError, match='config.data.image_size'):
-    ip.load_split(data_config(source='tfds', name=name, data_dir=str(root),
-                              image_size=8, channels=3), 'train')
+    sources.load_split(data_config(source='tfds', name=name,
+                                   data_dir=str(root), image_size=8,
+                                   channels=3), 'train')
 
 
 @pytest.mark.parametrize('name,data_dir', [
@@ -332,24 +334,24 @@ def test_tfds_missing_data_fails_fast(tmp_path, name, data_dir):
                     data_dir=str(tmp_path) if data_dir else '')
   start = time.time()
   with pytest.raises(DataError, match='tfds build'):
-    ip.load_split(cfg, 'train')
+    sources.load_split(cfg, 'train')
   assert time.time() - start < 5
 
 
 def test_unknown_source():
   with pytest.raises(DataError, match='digits, tfds, idx, image_folder, npz'):
-    ip.load_split(data_config(source='lmdb'), 'train')
+    sources.load_split(data_config(source='lmdb'), 'train')
 
 
 def test_missing_data_dir_names_the_key(tmp_path):
   for data_dir in ('', str(tmp_path / 'missing')):
     with pytest.raises(DataError, match='config.data.data_dir'):
-      ip.load_split(data_config(source='npz', data_dir=data_dir), 'train')
+      sources.load_split(data_config(source='npz', data_dir=data_dir), 'train')
 
 
 def test_shape_mismatch():
   with pytest.raises(DataError) as error:
-    ip.load_split(data_config(image_size=16, channels=3), 'train')
+    sources.load_split(data_config(image_size=16, channels=3), 'train')
   message = str(error.value)
   assert '(8, 8, 1)' in message and '(16, 16, 3)' in message
   assert 'config.data.image_size' in message
