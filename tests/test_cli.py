@@ -12,7 +12,7 @@ TINY = ['--config.model.ch=16', '--config.model.ch_mult=(1,2)',
         '--config.model.temb_dim=32', '--config.diffusion.num_timesteps=10',
         '--config.batch_size=16', '--config.num_train_steps=3',
         '--config.checkpoint_every_steps=2', '--config.log_every_steps=1',
-        '--config.sample_every_steps=3', '--config.num_sample_images=8',
+        '--config.sample_grid.every_steps=3', '--config.sample_grid.num_images=8',
         '--config.sample.num_images=8', '--config.sample.batch_size=8']
 
 
@@ -53,3 +53,11 @@ def test_train_then_sample_from_the_command_line(tmp_path):
   images = np.load(os.path.join(workdir, 'samples', 'step_00000003',
                                 'samples.npz'))['images']
   assert images.shape == (8, 8, 8, 1)
+
+
+def test_a_renamed_config_key_names_its_new_name(tmp_path):
+  out = run(f'--workdir={tmp_path}', '--config.fid.every_steps=100')
+  assert out.returncode != 0
+  assert ("config key 'fid.every_steps' is now 'sample_quality.every_steps'"
+          in out.stderr)
+  assert not os.listdir(tmp_path)

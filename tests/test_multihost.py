@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from diffusion_jax import checkpointing, parallel, train, train_state
+from diffusion_jax import checkpointing, experiment, parallel
 from tests.test_cli import REPO, TINY
 from tests.util import tiny_config
 
@@ -35,9 +35,7 @@ def _launch(workdir, devices_per_process, extra=()):
 def _final_state(workdir):
   config = tiny_config(**{'diffusion.num_timesteps': 10})
   mesh = parallel.create_mesh(jax.devices()[:1])
-  model, _ = train.create_model_and_schedule(config)
-  abstract = train.abstract_train_state(
-      config, model, train_state.create_optimizer(config.optim), mesh)
+  abstract = experiment.build(config, mesh).abstract_state()
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
   state, data = ckpt.restore(abstract)
   ckpt.close()

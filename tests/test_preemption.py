@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import checkpointing, parallel, train, train_state
+from diffusion_jax import checkpointing, experiment, parallel
 from tests.test_cli import REPO
 from tests.util import tiny_config
 
@@ -32,7 +32,7 @@ ARGS = ['--config.model.ch=8', '--config.model.ch_mult=(1,)',
         '--config.diffusion.num_timesteps=10',
         '--config.batch_size=16', f'--config.num_train_steps={STEPS}',
         '--config.checkpoint_every_steps=20', '--config.log_every_steps=1',
-        '--config.sample_every_steps=0']
+        '--config.sample_grid.every_steps=0']
 _LOGGED_STEP = re.compile(r'logging_writer\.py:\d+\] \[(\d+)\] ')
 TMP = 'orbax-checkpoint-tmp'
 
@@ -88,9 +88,7 @@ def _final_state(workdir):
                           'model.ch_mult': (1,), 'model.attn_resolutions': (),
                           'model.temb_dim': 16})
   mesh = parallel.create_mesh(jax.devices()[:1])
-  model, _ = train.create_model_and_schedule(config)
-  abstract = train.abstract_train_state(
-      config, model, train_state.create_optimizer(config.optim), mesh)
+  abstract = experiment.build(config, mesh).abstract_state()
   ckpt = checkpointing.Checkpointer(_ckpt_dir(workdir))
   state, data = ckpt.restore(abstract)
   ckpt.close()

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import checkpointing, parallel, train, train_state
-from tests.util import tiny_config
+from diffusion_jax import checkpointing, experiment, parallel
+from tests.util import run_train, tiny_config
 
 
 # A smaller U-Net than tiny_config (one level, no attention): half the
@@ -27,14 +27,11 @@ def _run(config, mesh, num_steps=4):
   rng = np.random.default_rng(0)
   batches = [jax.device_put(rng.uniform(-1, 1, (16, 8, 8, 1)).astype(
       np.float32), parallel.batch_sharded(mesh)) for _ in range(num_steps)]
-  model, schedule = train.create_model_and_schedule(config)
-  optimizer = train_state.create_optimizer(config.optim)
-  state = train.init_train_state(config, model, optimizer, mesh,
-                                 jax.random.key(0))
+  exp = experiment.build(config, mesh)
+  state = exp.init_state(jax.random.key(0))
   init = jax.device_get(state)
   k = config.steps_per_call
-  step = train.jit_train_step(
-      train.make_train_step(config, model, schedule, optimizer), mesh, k)
+  step = exp.jit_train_step()
   losses = []
   for i in range(0, num_steps, k):
     state, metrics = step(state, batches[i] if k == 1 else
@@ -51,7 +48,7 @@ def mesh():
 @pytest.fixture(scope='module')
 def plain(mesh):
   # dropout 0: grad accumulation equals the plain step only then (its dropout
-  # masks are drawn per micro-batch, see make_train_step).
+  # masks are drawn per micro-batch, see methods.base.OneOptimizerMethod).
   return _run(micro_config(**{'model.dropout': 0.0}), mesh)
 
 
@@ -82,7 +79,7 @@ def test_loop_with_both_options_keeps_boundaries_exact(tmp_path):
   config = micro_config(steps_per_call=2, grad_accum_steps=2,
                         num_train_steps=4, checkpoint_every_steps=2,
                         log_every_steps=2)
-  state = train.train_and_evaluate(config, str(tmp_path))
+  state = run_train(config, str(tmp_path))
   assert int(state.step) == 4
   ckpt = checkpointing.Checkpointer(os.path.join(tmp_path, 'checkpoints'))
   assert ckpt.all_steps() == [2, 4]
@@ -92,7 +89,7 @@ def test_loop_with_both_options_keeps_boundaries_exact(tmp_path):
                         log_every_steps=3, checkpoint_every_steps=3)
   with pytest.raises(ValueError, match='resuming at step 4, which is not a '
                      'multiple of config.steps_per_call=3'):
-    train.train_and_evaluate(config, str(tmp_path))
+    run_train(config, str(tmp_path))
 
 
 @pytest.mark.parametrize('overrides, match', [
@@ -100,8 +97,8 @@ def test_loop_with_both_options_keeps_boundaries_exact(tmp_path):
      r'config.steps_per_call=3'),
     ({'steps_per_call': 4, 'num_train_steps': 8}, r'config.log_every_steps=2 '
      r'is not a multiple of config.steps_per_call=4'),
-    ({'steps_per_call': 2, 'sample_every_steps': 3, 'num_train_steps': 6},
-     r'config.sample_every_steps=3 is not a multiple'),
+    ({'steps_per_call': 2, 'sample_grid.every_steps': 3, 'num_train_steps': 6},
+     r'config.sample_grid.every_steps=3 is not a multiple'),
     ({'steps_per_call': 0}, r'config.steps_per_call must be positive'),
     ({'grad_accum_steps': 3}, r'config.grad_accum_steps=3 does not divide the '
      r'per-device batch 2 \(config.batch_size=16 over 8 devices\)'),
@@ -110,5 +107,5 @@ def test_loop_with_both_options_keeps_boundaries_exact(tmp_path):
 def test_bad_throughput_values_fail_before_compiling(tmp_path, overrides,
                                                      match):
   with pytest.raises(ValueError, match=match):
-    train.train_and_evaluate(micro_config(**overrides), str(tmp_path))
+    run_train(micro_config(**overrides), str(tmp_path))
   assert not os.path.exists(tmp_path / 'checkpoints')

@@ -8,18 +8,15 @@ import numpy as np
 import pytest
 
 from configs import cifar10_ddpm, default
-from diffusion_jax import checkpointing, generate, parallel
-from diffusion_jax.data import pipeline as input_pipeline
-from diffusion_jax import train, train_state
-from tests.util import tiny_config
+from diffusion_jax import checkpointing, experiment, methods, parallel
+from diffusion_jax import train_state, trainer
+from diffusion_jax.data.sources import DataError
+from tests.util import run_sample, run_train, tiny_config
 
 
 def count_params(config):
-  model, _ = train.create_model_and_schedule(config)
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0),
-                         jnp.zeros((1, *train.image_shape(config))),
-                         jnp.zeros((1,), jnp.int32), train=False))
+  method = methods.create_method(config)
+  shapes = jax.eval_shape(method.init_params, jax.random.key(0))
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
 
 
@@ -60,12 +57,9 @@ def test_config_is_locked_against_misspelt_keys():
 
 
 def _one_step(config, mesh, images):
-  model, schedule = train.create_model_and_schedule(config)
-  optimizer = train_state.create_optimizer(config.optim)
-  state = train.init_train_state(config, model, optimizer, mesh,
-                                 jax.random.key(0))
-  step = train.jit_train_step(
-      train.make_train_step(config, model, schedule, optimizer), mesh)
+  exp = experiment.build(config, mesh)
+  state = exp.init_state(jax.random.key(0))
+  step = exp.jit_train_step()
   images = jax.device_put(images, parallel.batch_sharded(mesh))
   state, m1 = step(state, images)
   state, m2 = step(state, images)
@@ -112,14 +106,14 @@ IDDPM_CONDITIONAL = {'diffusion.loss': 'hybrid',
                          ids=['ddpm', 'iddpm_conditional'])
 def test_resume_gives_the_same_params_as_an_uninterrupted_run(tmp_path, extra):
   config = tiny_config(**{'num_train_steps': 6}, **extra)
-  full = jax.device_get(train.train_and_evaluate(config, str(tmp_path / 'a')))
+  full = jax.device_get(run_train(config, str(tmp_path / 'a')))
   workdir = str(tmp_path / 'b')
-  train.train_and_evaluate(tiny_config(**{'num_train_steps': 3}, **extra),
+  run_train(tiny_config(**{'num_train_steps': 3}, **extra),
                            workdir)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
   assert ckpt.all_steps() == [2, 3]
   ckpt.close()
-  resumed = jax.device_get(train.train_and_evaluate(config, workdir))
+  resumed = jax.device_get(run_train(config, workdir))
   assert int(resumed.step) == int(full.step) == 6
   jax.tree.map(np.testing.assert_array_equal, resumed.params, full.params)
   jax.tree.map(np.testing.assert_array_equal, resumed.ema_params,
@@ -135,8 +129,8 @@ def test_resume_gives_the_same_params_as_an_uninterrupted_run(tmp_path, extra):
 def test_sample_mode_writes_png_and_npz_deterministically(tmp_path):
   config = tiny_config()
   workdir = str(tmp_path)
-  train.train_and_evaluate(config, workdir)
-  out = generate.generate(config, workdir)
+  run_train(config, workdir)
+  out = run_sample(config, workdir)
   images = np.load(os.path.join(out, 'samples.npz'))['images']
   assert images.shape == (12, 8, 8, 1) and images.dtype == np.uint8
   assert os.path.getsize(os.path.join(out, 'samples.png')) > 0
@@ -144,7 +138,7 @@ def test_sample_mode_writes_png_and_npz_deterministically(tmp_path):
   # Again, with the progressive-generation figure: the same samples.
   progressive = tiny_config(**{'sample.progressive_timesteps': (19, 10, 0),
                                'sample.progressive_num_images': 4})
-  again = generate.generate(progressive, workdir)
+  again = run_sample(progressive, workdir)
   np.testing.assert_array_equal(
       np.load(os.path.join(again, 'samples.npz'))['images'], images)
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -156,7 +150,7 @@ def test_sample_mode_writes_png_and_npz_deterministically(tmp_path):
 
 
 @pytest.mark.parametrize('extra', [
-    {'diffusion.process': 'rectified_flow', 'diffusion.loss': 'velocity_mse',
+    {'diffusion.process': 'rectified_flow', 'diffusion.prediction': 'velocity',
      'diffusion.time_sampling': 'logit_normal', 'sample.sampler': 'heun',
      'sample.num_steps': 3, 'model.num_classes': 10,
      'sample.guidance_scale': 2.0},
@@ -170,10 +164,10 @@ def test_continuous_process_trains_and_samples_the_same_on_any_mesh(tmp_path,
                                                                     extra):
   config = tiny_config(num_train_steps=2, **extra)
   workdir = str(tmp_path)
-  train.train_and_evaluate(config, workdir)
+  run_train(config, workdir)
   read = lambda out: np.load(os.path.join(out, 'samples.npz'))['images']
-  on_8 = read(generate.generate(config, workdir))
-  on_1 = read(generate.generate(
+  on_8 = read(run_sample(config, workdir))
+  on_1 = read(run_sample(
       config, workdir, mesh=parallel.create_mesh(jax.devices()[:1])))
   assert on_8.shape == (12, 8, 8, 1) and on_8.std() > 0
   # Same images (uint8, up to one level of float rounding).
@@ -182,12 +176,12 @@ def test_continuous_process_trains_and_samples_the_same_on_any_mesh(tmp_path,
 
 def test_sample_mode_without_checkpoint_says_train_first(tmp_path):
   with pytest.raises(checkpointing.CheckpointError, match='train first'):
-    generate.generate(tiny_config(), str(tmp_path))
+    run_sample(tiny_config(), str(tmp_path))
 
 
 def test_periodic_samples_are_written_as_png(tmp_path):
-  config = tiny_config(**{'sample_every_steps': 2, 'num_train_steps': 2})
-  train.train_and_evaluate(config, str(tmp_path))
+  config = tiny_config(**{'sample_grid.every_steps': 2, 'num_train_steps': 2})
+  run_train(config, str(tmp_path))
   assert os.listdir(tmp_path / 'samples') == ['ema_step_00000002.png']
 
 
@@ -197,69 +191,69 @@ def test_periodic_samples_are_written_as_png(tmp_path):
 def test_batch_that_does_not_divide_across_devices(tmp_path):
   with pytest.raises(ValueError, match='config.batch_size=12 does not divide '
                      'across the 8 devices.*multiple of 8'):
-    train.train_and_evaluate(tiny_config(batch_size=12), str(tmp_path))
+    run_train(tiny_config(batch_size=12), str(tmp_path))
   assert not os.path.exists(tmp_path / 'checkpoints' / '0')
 
 
 def test_unknown_data_source(tmp_path):
-  with pytest.raises(input_pipeline.DataError, match='digits'):
-    train.train_and_evaluate(tiny_config(**{'data.source': 'cifar'}),
+  with pytest.raises(DataError, match='digits'):
+    run_train(tiny_config(**{'data.source': 'cifar'}),
                              str(tmp_path))
 
 
 def test_missing_tfds_data_dir_fails_fast(tmp_path):
   config = tiny_config(**{'data.source': 'tfds', 'data.name': 'cifar10',
                           'data.data_dir': str(tmp_path / 'nowhere')})
-  with pytest.raises(input_pipeline.DataError, match='tfds build'):
-    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  with pytest.raises(DataError, match='tfds build'):
+    run_train(config, str(tmp_path / 'run'))
 
 
 def test_image_shape_that_does_not_match_the_data(tmp_path):
-  with pytest.raises(input_pipeline.DataError, match='image_size'):
-    train.train_and_evaluate(tiny_config(**{'data.image_size': 16}),
+  with pytest.raises(DataError, match='image_size'):
+    run_train(tiny_config(**{'data.image_size': 16}),
                              str(tmp_path))
 
 
 def test_image_size_the_unet_cannot_halve(tmp_path):
   with pytest.raises(ValueError, match='ch_mult'):
-    train.train_and_evaluate(
+    run_train(
         tiny_config(**{'model.ch_mult': (1, 2, 2, 2, 2)}), str(tmp_path))
 
 
 def test_workdir_with_a_checkpoint_of_another_model(tmp_path):
   workdir = str(tmp_path)
-  train.train_and_evaluate(tiny_config(num_train_steps=2), workdir)
+  run_train(tiny_config(num_train_steps=2), workdir)
   ckpt_dir = tmp_path / 'checkpoints' / '2'
   before = sorted((p.name, p.stat().st_mtime_ns) for p in ckpt_dir.rglob('*'))
   other = tiny_config(num_train_steps=4, **{'model.ch': 32})
   with pytest.raises(checkpointing.CheckpointError,
                      match=r'different model: ema_params/conv_in/bias has '
                      r'shape \(16,\) in the checkpoint but \(32,\) in this run'):
-    train.train_and_evaluate(other, workdir)
+    run_train(other, workdir)
   after = sorted((p.name, p.stat().st_mtime_ns) for p in ckpt_dir.rglob('*'))
   assert before == after
 
 
 def test_corrupt_checkpoint_is_reported_and_left_alone(tmp_path):
   workdir = str(tmp_path)
-  train.train_and_evaluate(tiny_config(num_train_steps=2), workdir)
+  run_train(tiny_config(num_train_steps=2), workdir)
   state_dir = tmp_path / 'checkpoints' / '2' / 'state'
   for f in state_dir.rglob('*'):
     if f.is_file() and 'manifest' in f.name or f.parent.name == 'd':
       f.write_bytes(b'garbage')
   with pytest.raises(checkpointing.CheckpointError, match='step 2'):
-    train.train_and_evaluate(tiny_config(num_train_steps=4), workdir)
+    run_train(tiny_config(num_train_steps=4), workdir)
   assert (tmp_path / 'checkpoints' / '2').exists()
   assert not (tmp_path / 'checkpoints' / '4').exists()
 
 
 def test_divergence_stops_with_the_step_and_keeps_the_good_checkpoint(tmp_path):
   workdir = str(tmp_path)
-  train.train_and_evaluate(tiny_config(num_train_steps=2), workdir)
+  run_train(tiny_config(num_train_steps=2), workdir)
   diverging = tiny_config(num_train_steps=8, **{
       'optim.learning_rate': 1e30, 'optim.warmup_steps': 0})
-  with pytest.raises(train.NonFiniteLossError, match=r'step \d.*step 2\)'):
-    train.train_and_evaluate(diverging, workdir)
+  with pytest.raises(trainer.NonFiniteLossError, match=r'step \d.*step 2\)'):
+    run_train(diverging, workdir)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
   assert ckpt.all_steps() == [2]
   ckpt.close()
@@ -283,14 +277,15 @@ def test_paper_256_configs(name, steps, flip):
 def test_beyond_ddpm_configs_pass_the_checks_and_build(name):
   import importlib  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f'configs.{name}').get_config()
-  train.check_config(config, parallel.create_mesh())
-  model, _ = train.create_model_and_schedule(config)
-  x = jnp.zeros((2, *train.image_shape(config)))
+  for mode in ('train', 'sample', 'eval'):
+    exp = experiment.build(config, parallel.create_mesh(), mode=mode)
+  model, shape = exp.method.network, exp.method.image_shape
+  x = jnp.zeros((2, *shape))
   out = jax.eval_shape(lambda: model.apply(
       model.init(jax.random.key(0), x, jnp.zeros((2,)), train=False),
       x, jnp.zeros((2,)), train=False))
   learned = config.diffusion.sampler_variance == 'learned'
-  assert out.shape == (2, *train.image_shape(config)[:2],
+  assert out.shape == (2, *shape[:2],
                        config.data.channels * (2 if learned else 1))
   assert ('cfg' in name) == (config.model.num_classes == 10)
 
@@ -298,19 +293,65 @@ def test_beyond_ddpm_configs_pass_the_checks_and_build(name):
 def test_checkpoints_from_before_the_loss_history_field_still_restore(tmp_path):
   """Train states written before TrainState.loss_history existed hold only
   step, params, ema_params and opt_state; they must keep resuming."""
-  config = tiny_config()
-  mesh = parallel.create_mesh()
-  model, _ = train.create_model_and_schedule(config)
-  optimizer = train_state.create_optimizer(config.optim)
-  state = train.init_train_state(config, model, optimizer, mesh,
-                                 jax.random.key(1))
+  exp = experiment.build(tiny_config())
+  state = exp.init_state(jax.random.key(1))
   old_layout = {k: v for k, v in vars(state).items() if k != 'loss_history'}
   ckpt = checkpointing.Checkpointer(str(tmp_path))
   ckpt.save(7, old_layout, {'step': 7})
   ckpt.wait_until_finished()
-  restored, data = ckpt.restore(
-      train.abstract_train_state(config, model, optimizer, mesh), 7)
+  restored, data = ckpt.restore(exp.abstract_state(), 7)
   ckpt.close()
   assert isinstance(restored, train_state.TrainState) and data == {'step': 7}
   assert restored.loss_history is None
   jax.tree.map(np.testing.assert_array_equal, restored.params, state.params)
+
+
+# The train-state tree of tiny_config as written before the method
+# interface existed (commit 3e2a2b4): (leaf count, sha256 of the sorted
+# "path:shape:dtype" lines). Equal trees mean those run directories resume.
+FIRST_WAVE_TREES = {
+    'ddpm': ({}, 579, '4a72584f05836d8a8ab95811409ad1b2'
+             'cdd93507beabc868112ba4ea362a27d4'),
+    'iddpm_conditional': (
+        {'diffusion.loss': 'hybrid', 'diffusion.sampler_variance': 'learned',
+         'diffusion.time_sampling': 'importance', 'model.num_classes': 10},
+        585, '4f2aeaaf0b71a86f424db1af01a16e42'
+        '7d74d3007f0b9a0af5717378baebd051'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(FIRST_WAVE_TREES))
+def test_state_tree_is_the_one_first_wave_run_directories_hold(name):
+  import hashlib  # pylint: disable=g-import-not-at-top
+  overrides, count, digest = FIRST_WAVE_TREES[name]
+  state = experiment.build(tiny_config(**overrides)).abstract_state()
+  flat = jax.tree_util.tree_flatten_with_path(state)[0]
+  keys = sorted(f'{jax.tree_util.keystr(p)}:{tuple(leaf.shape)}:{leaf.dtype}'
+                for p, leaf in flat)
+  assert len(keys) == count
+  assert hashlib.sha256('\n'.join(keys).encode()).hexdigest() == digest
+
+
+def test_run_directory_in_the_dict_layout_resumes_and_trains_on(tmp_path):
+  """A checkpoint written as a plain tree of the first-wave field names
+  (no TrainState class involved) resumes: the loop restores it exactly and
+  trains on from its step."""
+  config = tiny_config(num_train_steps=2)
+  exp = experiment.build(config)
+  state = jax.device_get(exp.init_state(jax.random.key(3)))
+  layout = {'step': np.int32(2), 'params': state.params,
+            'ema_params': state.ema_params, 'opt_state': state.opt_state}
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'))
+  ckpt.save(2, layout, {})
+  ckpt.close()
+  restored = jax.device_get(run_train(config, str(tmp_path)))
+  assert int(restored.step) == 2
+  jax.tree.map(np.testing.assert_array_equal, restored.params, state.params)
+  trained = run_train(tiny_config(num_train_steps=4), str(tmp_path))
+  assert int(trained.step) == 4
+
+
+def test_a_first_wave_loss_name_names_the_new_keys():
+  with pytest.raises(ValueError, match=r"config.diffusion.prediction='v' and "
+                     r"config.diffusion.loss='mse'"):
+    experiment.build(tiny_config(**{'diffusion.loss': 'v_mse'}))

@@ -25,3 +25,23 @@ def tiny_config(**overrides):
   config.data.prefetch = 0
   config.update_from_flattened_dict(overrides)  # dotted keys, type-checked
   return config
+
+
+def run_train(config, workdir, mesh=None):
+  """The CLI's --mode=train: build the objects once, run the loop."""
+  from diffusion_jax import experiment, trainer  # pylint: disable=g-import-not-at-top
+  return trainer.train_and_evaluate(experiment.build(config, mesh), workdir)
+
+
+def run_sample(config, workdir, mesh=None, step=None):
+  """The CLI's --mode=sample; returns the output directory."""
+  from diffusion_jax import experiment, generate  # pylint: disable=g-import-not-at-top
+  return generate.generate(experiment.build(config, mesh, mode='sample'),
+                           workdir, step)
+
+
+def run_eval(config, workdir, mesh=None, step=None):
+  """The CLI's --mode=eval; returns the metrics."""
+  from diffusion_jax import evaluate, experiment  # pylint: disable=g-import-not-at-top
+  return evaluate.evaluate(experiment.build(config, mesh, mode='eval'),
+                           workdir, step)
