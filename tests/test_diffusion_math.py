@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_jax.diffusion import denoiser
 from diffusion_jax.diffusion import losses
 from diffusion_jax.diffusion import samplers
 from diffusion_jax.diffusion import schedules
@@ -57,7 +58,7 @@ def test_forward_process_moments(schedule):
   t = np.array([0, 250, 999])
   x0b = np.repeat(x0, 3, axis=0)
   noise = jax.random.normal(jax.random.key(1), (20000, 3, 4, 4, 1))
-  xt = jax.vmap(lambda n: schedules.q_sample(schedule, x0b, t, n))(noise)
+  xt = jax.vmap(lambda n: denoiser.q_sample(schedule, x0b, t, n))(noise)
   abar = np.cumprod(1 - np.linspace(1e-4, 0.02, T))[t].reshape(-1, 1, 1, 1)
   np.testing.assert_allclose(xt.mean(0), np.sqrt(abar) * x0b, atol=0.03)
   np.testing.assert_allclose(xt.var(0), np.broadcast_to(1 - abar, x0b.shape),
@@ -91,9 +92,9 @@ def test_x0_from_eps_inverts_forward(schedule):
   x0 = jax.random.uniform(jax.random.key(0), (5, 3, 3, 1), minval=-1)
   eps = jax.random.normal(jax.random.key(1), x0.shape)
   t = jnp.array([0, 10, 100, 500, 999])
-  xt = schedules.q_sample(schedule, x0, t, eps)
+  xt = denoiser.q_sample(schedule, x0, t, eps)
   np.testing.assert_allclose(
-      schedules.predict_x0_from_eps(schedule, xt, t, eps), x0, atol=2e-3)
+      denoiser.to_x0_eps(schedule, 'eps', xt, t, eps)[0], x0, atol=2e-3)
 
 
 def gaussian_eps_denoiser(schedule, mu, s2):
@@ -104,6 +105,12 @@ def gaussian_eps_denoiser(schedule, mu, s2):
   return model_fn
 
 
+def gaussian_denoiser(schedule, mu, s2):
+  """gaussian_eps_denoiser as the samplers take it: a denoiser.DenoiseFn."""
+  return denoiser.make_denoiser(gaussian_eps_denoiser(schedule, mu, s2),
+                                schedule, 'eps')
+
+
 def test_loss_is_zero_for_an_oracle_and_matches_closed_form(schedule):
   x0 = jax.random.uniform(jax.random.key(0), (256, 4, 4, 1), minval=-1)
 
@@ -111,20 +118,20 @@ def test_loss_is_zero_for_an_oracle_and_matches_closed_form(schedule):
     return ((x_t - schedules.at(schedule.sqrt_alphas_cumprod, t, x_t) * x0)
             / schedules.at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t))
 
-  loss = losses.eps_mse_loss(oracle, schedule, x0, jax.random.key(2))
+  loss = losses.simple_loss(oracle, schedule, x0, jax.random.key(2))
   assert float(loss) < 1e-4
   # With the Bayes-optimal denoiser on Gaussian data, the expected loss is
   # E_t[Var(eps | x_t)] = E_t[abar s2 / (abar s2 + 1 - abar)].
   mu, s2 = 0.3, 0.25
   xg = mu + np.sqrt(s2) * jax.random.normal(jax.random.key(3), (4096, 4, 4, 1))
-  loss = losses.eps_mse_loss(gaussian_eps_denoiser(schedule, mu, s2),
-                             schedule, xg, jax.random.key(4))
+  loss = losses.simple_loss(gaussian_eps_denoiser(schedule, mu, s2),
+                            schedule, xg, jax.random.key(4))
   abar = np.cumprod(1 - np.linspace(1e-4, 0.02, T))
   expected = np.mean(abar * s2 / (abar * s2 + 1 - abar))
   assert float(loss) == pytest.approx(expected, rel=0.05)
   # A model that predicts 0 pays E[eps^2] = 1.
-  zero = losses.eps_mse_loss(lambda x, t: jnp.zeros_like(x), schedule, xg,
-                             jax.random.key(4))
+  zero = losses.simple_loss(lambda x, t: jnp.zeros_like(x), schedule, xg,
+                            jax.random.key(4))
   assert float(zero) == pytest.approx(1.0, rel=0.02)
 
 
@@ -152,7 +159,7 @@ def test_ancestral_sampler_with_analytic_denoiser(schedule, variance):
 
   x_T = jax.random.normal(jax.random.key(0), (2048, 4, 4, 1))
   sample = jax.jit(lambda x, r: samplers.ddpm_sample(
-      gaussian_eps_denoiser(schedule, mu, s2), schedule, x, r,
+      gaussian_denoiser(schedule, mu, s2), schedule, x, r,
       variance=variance, clip_denoised=False))
   out = np.asarray(sample(x_T, jax.random.key(1)))
   n = out.size
@@ -166,34 +173,37 @@ def test_ancestral_sampler_with_analytic_denoiser(schedule, variance):
 def test_sampler_clips_x0_prediction(schedule):
   # A model predicting huge noise drives x0_hat far outside [-1, 1]; with
   # clipping the samples stay in range (the last step's mean is x0_hat).
-  out = samplers.ddpm_sample(lambda x, t: 100.0 * jnp.ones_like(x), schedule,
-                             jnp.zeros((2, 2, 2, 1)), jax.random.key(0))
+  huge = denoiser.make_denoiser(lambda x, t: 100.0 * jnp.ones_like(x),
+                                schedule, 'eps')
+  out = samplers.ddpm_sample(huge, schedule, jnp.zeros((2, 2, 2, 1)),
+                             jax.random.key(0))
   assert np.all(np.abs(np.asarray(out)) <= 1.0 + 1e-6)
 
 
 def test_unknown_sampler_variance():
+  small = schedules.Schedule.from_betas(schedules.linear_betas(3))
   with pytest.raises(ValueError, match='sampler_variance'):
-    samplers.ddpm_sample(lambda x, t: x, schedules.Schedule.from_betas(
-        schedules.linear_betas(3)), jnp.zeros((1, 2, 2, 1)),
-                         jax.random.key(0), variance='learned')
+    samplers.ddpm_sample(denoiser.make_denoiser(lambda x, t: x, small, 'eps'),
+                         small, jnp.zeros((1, 2, 2, 1)), jax.random.key(0),
+                         variance='learned')
 
 
 def test_sampler_returns_x0_predictions_at_requested_steps(schedule):
   """x0_at must return exactly the x0_hat the loop computed at those steps:
   recompute them by replaying the same chain step by step."""
   small = schedules.Schedule.from_betas(schedules.linear_betas(6, 0.1, 0.3))
-  model_fn = gaussian_eps_denoiser(small, 0.2, 0.5)
+  denoise_fn = gaussian_denoiser(small, 0.2, 0.5)
   x_T = jax.random.normal(jax.random.key(0), (3, 2, 2, 1))
   rng = jax.random.key(7)
-  final, preds = samplers.ddpm_sample(model_fn, small, x_T, rng,
+  final, preds = samplers.ddpm_sample(denoise_fn, small, x_T, rng,
                                       x0_at=(5, 2, 0))
   np.testing.assert_array_equal(
-      final, samplers.ddpm_sample(model_fn, small, x_T, rng))
+      final, samplers.ddpm_sample(denoise_fn, small, x_T, rng))
   assert preds.shape == (3, 3, 2, 2, 1)
   x, replay = x_T, {}
   for t_index in range(5, -1, -1):
     t = jnp.full((3,), t_index)
-    mean, log_var, x0_hat = samplers.p_mean_variance(model_fn, small, x, t)
+    mean, log_var, x0_hat = samplers.p_mean_variance(denoise_fn, small, x, t)
     replay[t_index] = x0_hat
     z = jax.random.normal(jax.random.fold_in(rng, t_index), x.shape)
     x = mean + (t_index > 0) * jnp.exp(0.5 * log_var) * z
@@ -201,4 +211,4 @@ def test_sampler_returns_x0_predictions_at_requested_steps(schedule):
     np.testing.assert_allclose(preds[k], replay[t_index], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(preds[2], final, atol=1e-6)  # last x0_hat is x_0
   with pytest.raises(ValueError, match='x0_at'):
-    samplers.ddpm_sample(model_fn, small, x_T, rng, x0_at=(6,))
+    samplers.ddpm_sample(denoise_fn, small, x_T, rng, x0_at=(6,))

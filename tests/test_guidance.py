@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax.diffusion import guidance
 from diffusion_jax.data import pipeline as input_pipeline
+from diffusion_jax.diffusion import denoiser
+from diffusion_jax.diffusion import guidance
 from diffusion_jax.diffusion import samplers
 from diffusion_jax.diffusion import schedules
 from tests.util import tiny_config
@@ -67,7 +68,8 @@ def test_guidance_on_gaussian_classes_has_a_known_answer():
   for w in (0.0, 2.0):
     model_fn = guidance.guided_model(apply_fn, labels, null_label=3, scale=w,
                                      channels=1)
-    out = np.asarray(jax.jit(lambda x, m=model_fn: samplers.ddim_sample(
+    denoise_fn = denoiser.make_denoiser(model_fn, schedule, 'eps')
+    out = np.asarray(jax.jit(lambda x, m=denoise_fn: samplers.ddim_sample(
         m, schedule, x, jax.random.key(1),
         timesteps=samplers.spaced_timesteps(1000, 100), clip_denoised=False)
     )(x_T))

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_jax.diffusion import denoiser
 from diffusion_jax.diffusion import likelihood
 from diffusion_jax.diffusion import losses
 from diffusion_jax.diffusion import samplers
@@ -23,8 +24,9 @@ def schedule():
 def optimal_learned_model(schedule, mu, s2):
   """For data N(mu, s2 I) the reverse step p(x_{t-1} | x_t) is exactly
   Gaussian: mean c1 E[x0|x_t] + c2 x_t, variance beta~_t + c1^2 Var(x0|x_t).
-  Returns the 2C-channel model (eps, v) that outputs that variance through
-  the learned-range interpolation, computed in float64 numpy."""
+  Returns the denoiser of the 2C-channel network (eps, v) that outputs that
+  variance through the learned-range interpolation, computed in float64
+  numpy."""
   abar = np.asarray(schedule.alphas_cumprod, np.float64)
   betas = np.asarray(schedule.betas, np.float64)
   abar_prev = np.append(1.0, abar[:-1])
@@ -35,16 +37,18 @@ def optimal_learned_model(schedule, mu, s2):
   frac = (np.log(true_var) - lo) / (np.log(betas) - lo)
   v = jnp.asarray(2 * frac - 1, jnp.float32)
   eps_fn = gaussian_eps_denoiser(schedule, mu, s2)
-  return lambda x, t: jnp.concatenate(
+  network_fn = lambda x, t: jnp.concatenate(
       [eps_fn(x, t), jnp.broadcast_to(schedules.at(v, t, x), x.shape)], -1)
+  return denoiser.make_denoiser(network_fn, schedule, 'eps')
 
 
 def test_learned_variance_interpolates_between_beta_tilde_and_beta(schedule):
   x = jax.random.normal(jax.random.key(0), (4, 2, 2, 1))
   t = jnp.array([1, 10, 500, 999])
-  eps = lambda x, t: 0.1 * x
-  with_v = lambda value: (lambda x, t: jnp.concatenate(
-      [eps(x, t), jnp.full_like(x, value)], -1))
+  eps_fn = lambda x, t: 0.1 * x
+  eps = denoiser.make_denoiser(eps_fn, schedule, 'eps')
+  with_v = lambda value: denoiser.make_denoiser(lambda x, t: jnp.concatenate(
+      [eps_fn(x, t), jnp.full_like(x, value)], -1), schedule, 'eps')
   for value, fixed in ((1.0, 'beta'), (-1.0, 'beta_tilde')):
     mean, log_var, _ = samplers.p_mean_variance(
         with_v(value), schedule, x, t, variance='learned', clip_denoised=False)
@@ -79,7 +83,8 @@ def test_learned_optimal_variance_samples_exactly_with_few_steps(schedule):
   assert abs(learned.mean() - MU) < 4 * np.sqrt(S2 / learned.size)
   assert abs(learned.var() - S2) < 4 * se_var
   for fixed in ('beta', 'beta_tilde'):
-    off = run(gaussian_eps_denoiser(spaced, MU, S2), fixed)
+    off = run(denoiser.make_denoiser(gaussian_eps_denoiser(spaced, MU, S2),
+                                     spaced, 'eps'), fixed)
     assert abs(off.var() - S2) > 10 * se_var
 
 
@@ -100,13 +105,15 @@ def test_hybrid_and_vlb_losses_equal_mse_plus_the_bound_term(schedule, v_value,
   t = jnp.array([0, 1, 5, 100, 600, 999])
   eps_guess, out = _learned_output(schedule, x0, t, noise, v_value)
   model_fn = lambda x, t_: out
-  x_t = schedules.q_sample(schedule, x0, t, noise)
-  term, _ = likelihood.vlb_term_bpd(lambda x, t_: eps_guess, schedule, x0,
-                                    x_t, t, variance=fixed,
-                                    clip_denoised=False)
+  x_t = denoiser.q_sample(schedule, x0, t, noise)
+  term, _ = likelihood.vlb_term_bpd(
+      denoiser.make_denoiser(lambda x, t_: eps_guess, schedule, 'eps'),
+      schedule, x0, x_t, t, variance=fixed, clip_denoised=False)
   mse = jnp.mean(jnp.square(noise - eps_guess).reshape(6, -1), axis=1)
-  hybrid = losses.PER_EXAMPLE['hybrid'](model_fn, schedule, x0, t, noise)
-  vlb = losses.PER_EXAMPLE['vlb'](model_fn, schedule, x0, t, noise)
+  hybrid = losses.per_example_loss('hybrid', 'eps')(model_fn, schedule, x0, t,
+                                                    noise)
+  vlb = losses.per_example_loss('vlb', 'eps')(model_fn, schedule, x0, t,
+                                              noise)
   # 'beta' differs from the learned v = 1 only at t = 0 (the DDPM code's
   # sigma_1^2 = beta~_2 there): compare t > 0 for it.
   keep = slice(1, None) if fixed == 'beta' else slice(None)
@@ -122,8 +129,8 @@ def test_hybrid_stops_the_gradient_of_the_bound_at_the_mean(schedule):
   _, out = _learned_output(schedule, x0, t, noise, 0.2)
 
   def loss(name, out):
-    return jnp.mean(losses.PER_EXAMPLE[name](lambda *_: out, schedule, x0, t,
-                                             noise))
+    return jnp.mean(losses.per_example_loss(name, 'eps')(
+        lambda *_: out, schedule, x0, t, noise))
 
   grad = jax.grad(lambda o: loss('hybrid', o))(out)
   mse_grad = jax.grad(lambda o: jnp.mean(jnp.square(noise - o[..., :1])))(out)
@@ -196,7 +203,7 @@ def test_importance_sampler_matches_the_reference_and_is_unbiased():
     ({'diffusion.sampler_variance': 'learned'}, 'learned'),
     ({'diffusion.time_sampling': 'importance'}, 'importance'),
     ({'diffusion.time_sampling': 'logit_normal'}, 'continuous'),
-    ({'diffusion.loss': 'velocity_mse'}, 'continuous'),
+    ({'diffusion.prediction': 'velocity'}, 'continuous'),
 ])
 def test_config_mismatches_fail_early(overrides, match):
   from tests.util import tiny_config  # pylint: disable=g-import-not-at-top

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from diffusion_jax import checkpointing, evaluate
+from diffusion_jax import checkpointing, experiment, main, parallel
 from diffusion_jax.data import pipeline as input_pipeline
+from diffusion_jax.diffusion import denoiser
 from diffusion_jax.diffusion import likelihood
-from diffusion_jax import main, parallel, train, train_state
 from diffusion_jax.diffusion import schedules
-from tests.util import tiny_config
+from tests.util import run_eval, tiny_config
 
 LN2 = math.log(2.0)
 
@@ -149,8 +149,9 @@ def test_terms_match_float64_numpy(variance, clip):
   images = input_pipeline.load_split(tiny_config().data, 'test').images[:4]
   x0 = images.astype(np.float32) / 127.5 - 1
   rng = jax.random.key(3)
+  denoise_fn = denoiser.make_denoiser(linear_eps, schedule, 'eps')
   out = jax.jit(lambda x: likelihood.vlb_terms(
-      linear_eps, schedule, x, rng, variance=variance, clip_denoised=clip))(x0)
+      denoise_fn, schedule, x, rng, variance=variance, clip_denoised=clip))(x0)
   noises = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(rng, i),
                                                   x0.shape), np.float64)
                      for i in range(T)])
@@ -183,8 +184,9 @@ def test_oracle_that_knows_x0_has_zero_kl_terms():
     s = schedule.sqrt_one_minus_alphas_cumprod[t][:, None, None, None]
     return (x_t - a * x0) / s
 
+  denoise_fn = denoiser.make_denoiser(oracle, schedule, 'eps')
   run = lambda var: jax.jit(lambda x: likelihood.vlb_terms(
-      oracle, schedule, x, jax.random.key(0), variance=var))(x0)
+      denoise_fn, schedule, x, jax.random.key(0), variance=var))(x0)
   tilde, beta = run('beta_tilde'), run('beta')
   assert np.abs(tilde['terms_bpd'][:, 1:]).max() < 1e-5
   assert tilde['x0_mse'][:, :100].max() < 1e-8
@@ -210,15 +212,13 @@ def test_oracle_that_knows_x0_has_zero_kl_terms():
 
 
 def random_state(config, seed=0):
-  """A train state of the config's U-Net with random parameters: fan-in
-  scaled kernels, norm scales near 1, small biases. Built from the abstract
-  state with numpy, as initialising (`jax.jit(model.init)`) costs ~10 s of
-  compilation; the U-Net also zero-initialises its output layers, so a fresh
-  init would predict eps_theta = 0."""
-  model, _ = train.create_model_and_schedule(config)
-  abstract = train.abstract_train_state(
-      config, model, train_state.create_optimizer(config.optim),
-      parallel.create_mesh(jax.devices()[:1]))
+  """The config's method and a train state of its U-Net with random
+  parameters: fan-in scaled kernels, norm scales near 1, small biases. Built
+  from the abstract state with numpy, as initialising (`exp.init_state()`)
+  costs ~10 s of compilation; the U-Net also zero-initialises its output
+  layers, so a fresh init would predict eps_theta = 0."""
+  exp = experiment.build(config, parallel.create_mesh(jax.devices()[:1]))
+  abstract = exp.abstract_state()
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
@@ -231,12 +231,12 @@ def random_state(config, seed=0):
     return (1.0 if is_scale else 0.0) + 0.1 * noise
 
   state = jax.tree_util.tree_map_with_path(fill, abstract)
-  return model, state.replace(ema_params=state.params)
+  return exp.method, state.replace(ema_params=state.params)
 
 
 def test_bound_is_finite_nonnegative_and_sums_up_for_a_random_unet():
   config = tiny_config()
-  model, state = random_state(config)
+  method, state = random_state(config)
   schedule = schedules.schedule_from_config(config.diffusion)
   digits = input_pipeline.load_split(config.data, 'test').images[:6]
   x0 = np.concatenate([digits.astype(np.float32) / 127.5 - 1,
@@ -245,8 +245,9 @@ def test_bound_is_finite_nonnegative_and_sums_up_for_a_random_unet():
 
   @jax.jit
   def bound(params, x):
-    fn = lambda x, t: model.apply({'params': params}, x, t, train=False)
-    return likelihood.vlb_terms(fn, schedule, x, jax.random.key(2))
+    denoise_fn = denoiser.make_denoiser(method.network_fn(params), schedule,
+                                        'eps')
+    return likelihood.vlb_terms(denoise_fn, schedule, x, jax.random.key(2))
 
   out = jax.device_get(bound(state.ema_params, x0))
   for key, value in out.items():
@@ -274,10 +275,10 @@ def write_checkpoint(config, workdir, step):
 
 def test_eval_mode_end_to_end_same_on_one_and_eight_devices(tmp_path):
   # 300 test digits in batches of 32: the last batch has 20 padded rows.
-  config = tiny_config(**{'sample.batch_size': 32})
+  config = tiny_config(**{'eval.batch_size': 32})
   workdir = str(tmp_path)
   write_checkpoint(config, workdir, 2)
-  m8 = evaluate.evaluate(config, workdir)
+  m8 = run_eval(config, workdir)
   out = tmp_path / 'eval' / 'step_00000002'
   with open(out / 'metrics.json') as f:
     saved = json.load(f)
@@ -307,8 +308,7 @@ def test_eval_mode_end_to_end_same_on_one_and_eight_devices(tmp_path):
   np.testing.assert_allclose(saved['prior_bpd'], prior.mean() / LN2,
                              rtol=1e-5)
 
-  m1 = evaluate.evaluate(config, workdir,
-                         mesh=parallel.create_mesh(jax.devices()[:1]))
+  m1 = run_eval(config, workdir, mesh=parallel.create_mesh(jax.devices()[:1]))
   assert m1['num_devices'] == 1 and m1['num_images'] == 300
   for key in ('total_bpd', 'prior_bpd', 'decoder_bpd', 'kl_terms_bpd'):
     np.testing.assert_allclose(m1[key], m8[key], rtol=1e-5, err_msg=key)
@@ -320,7 +320,7 @@ def test_eval_mode_end_to_end_same_on_one_and_eight_devices(tmp_path):
 
 def test_eval_without_checkpoint_says_train_first(tmp_path):
   with pytest.raises(checkpointing.CheckpointError, match='train first'):
-    evaluate.evaluate(tiny_config(), str(tmp_path))
+    run_eval(tiny_config(), str(tmp_path))
   assert not (tmp_path / 'eval').exists()
 
 

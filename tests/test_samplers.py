@@ -6,8 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_jax.diffusion import denoiser
+from diffusion_jax.diffusion import losses
 from diffusion_jax.diffusion import samplers
 from diffusion_jax.diffusion import schedules
+from tests.test_diffusion_math import gaussian_denoiser
 from tests.test_diffusion_math import gaussian_eps_denoiser
 
 MU, S2 = 0.3, 0.25
@@ -31,31 +34,34 @@ def test_conversions_between_eps_x0_v_and_score_are_exact(schedule):
   x0 = jax.random.uniform(k[0], (4, 3, 3, 1), minval=-1)
   eps = jax.random.normal(k[1], x0.shape)
   t = jnp.array([0, 10, 500, 999])
-  x_t = schedules.q_sample(schedule, x0, t, eps)
-  v = schedules.v_from_eps_x0(schedule, x_t, t, eps, x0)
-  np.testing.assert_allclose(schedules.eps_from_v(schedule, x_t, t, v), eps,
+  x_t = denoiser.q_sample(schedule, x0, t, eps)
+  abar = np.asarray(schedule.alphas_cumprod)[np.asarray(t)].reshape(-1, 1, 1, 1)
+  # v = a eps - b x0 (Salimans & Ho 2022), a = sqrt(abar), b = sqrt(1 - abar).
+  v = denoiser.target(schedule, 'v', x0, eps, t)
+  np.testing.assert_allclose(v, np.sqrt(abar) * eps - np.sqrt(1 - abar) * x0,
                              atol=1e-5)
-  np.testing.assert_allclose(schedules.x0_from_v(schedule, x_t, t, v), x0,
-                             atol=1e-5)
-  np.testing.assert_allclose(schedules.eps_from_x0(schedule, x_t, t, x0), eps,
+  x0_from_v, eps_from_v = denoiser.to_x0_eps(schedule, 'v', x_t, t, v)
+  np.testing.assert_allclose(eps_from_v, eps, atol=1e-5)
+  np.testing.assert_allclose(x0_from_v, x0, atol=1e-5)
+  eps_from_x0 = denoiser.to_x0_eps(schedule, 'x0', x_t, t, x0)[1]
+  np.testing.assert_allclose(eps_from_x0, eps,
                              atol=2e-3)  # 1/sqrt(1 - abar_0) ~ 100 amplifies
   # Score of q(x_t | x0) = N(a x0, b^2): -(x_t - a x0) / b^2 = -eps / b.
-  abar = np.asarray(schedule.alphas_cumprod)[np.asarray(t)].reshape(-1, 1, 1, 1)
   np.testing.assert_allclose(
-      schedules.score_from_eps(schedule, x_t, t, eps),
+      denoiser.score_from_eps(schedule, t, eps),
       -(x_t - np.sqrt(abar) * x0) / (1 - abar), rtol=1e-3, atol=1e-3)
 
 
 def test_ddim_eta0_is_deterministic_and_converges_to_the_data(schedule):
   """eta = 0 discretises the probability-flow ODE: the output variance
   approaches s^2 as the number of steps grows (the error is O(1/steps))."""
-  model_fn = gaussian_eps_denoiser(schedule, MU, S2)
+  denoise_fn = gaussian_denoiser(schedule, MU, S2)
   x_T = jax.random.normal(jax.random.key(0), (4096, 2, 2, 1))
   variance_errors = []
   for num_steps in (20, 100, 1000):
     ts = samplers.spaced_timesteps(1000, num_steps)
     sample = jax.jit(lambda x, r, ts=ts: samplers.ddim_sample(
-        model_fn, schedule, x, r, timesteps=ts, eta=0.0, clip_denoised=False))
+        denoise_fn, schedule, x, r, timesteps=ts, eta=0.0, clip_denoised=False))
     out = np.asarray(sample(x_T, jax.random.key(1)))
     np.testing.assert_array_equal(out, sample(x_T, jax.random.key(2)))
     assert abs(out.mean() - MU) < 4 * np.sqrt(S2 / out.size)
@@ -65,45 +71,46 @@ def test_ddim_eta0_is_deterministic_and_converges_to_the_data(schedule):
 
 
 def test_ddim_inversion_recovers_the_noise(schedule):
-  model_fn = gaussian_eps_denoiser(schedule, MU, S2)
+  denoise_fn = gaussian_denoiser(schedule, MU, S2)
   x_T = jax.random.normal(jax.random.key(0), (64, 2, 2, 1))
   errors = []
   for num_steps in (100, 1000):  # the inversion error shrinks with the step
     ts = samplers.spaced_timesteps(1000, num_steps)
-    x0 = samplers.ddim_sample(model_fn, schedule, x_T, jax.random.key(1),
+    x0 = samplers.ddim_sample(denoise_fn, schedule, x_T, jax.random.key(1),
                               timesteps=ts, clip_denoised=False)
-    back = samplers.ddim_invert(model_fn, schedule, x0, timesteps=ts)
+    back = samplers.ddim_invert(denoise_fn, schedule, x0, timesteps=ts)
     errors.append(float(np.abs(np.asarray(back) - x_T).max()))
   assert errors[1] < 0.05 and errors[1] < errors[0] / 5
 
 
 def test_ddim_eta1_over_all_steps_is_ddpm_with_beta_tilde(schedule):
-  model_fn = gaussian_eps_denoiser(schedule, MU, S2)
+  denoise_fn = gaussian_denoiser(schedule, MU, S2)
   x_T = jax.random.normal(jax.random.key(0), (8, 2, 2, 1))
   rng = jax.random.key(3)
-  ddim = samplers.ddim_sample(model_fn, schedule, x_T, rng, eta=1.0,
+  ddim = samplers.ddim_sample(denoise_fn, schedule, x_T, rng, eta=1.0,
                               clip_denoised=False)
-  ddpm = samplers.ddpm_sample(model_fn, schedule, x_T, rng,
+  ddpm = samplers.ddpm_sample(denoise_fn, schedule, x_T, rng,
                               variance='beta_tilde', clip_denoised=False)
   np.testing.assert_allclose(ddim, ddpm, atol=2e-3)
 
 
 def test_ddim_rejects_unordered_timesteps(schedule):
+  identity = denoiser.make_denoiser(lambda x, t: x, schedule, 'eps')
   with pytest.raises(ValueError, match='decreasing'):
-    samplers.ddim_sample(lambda x, t: x, schedule, jnp.zeros((1, 2, 2, 1)),
+    samplers.ddim_sample(identity, schedule, jnp.zeros((1, 2, 2, 1)),
                          jax.random.key(0), timesteps=[0, 10])
 
 
 def test_respaced_ddpm_with_all_steps_equals_the_full_sampler(schedule):
-  model_fn = gaussian_eps_denoiser(schedule, MU, S2)
+  denoise_fn = gaussian_denoiser(schedule, MU, S2)
   x_T = jax.random.normal(jax.random.key(0), (16, 2, 2, 1))
   rng = jax.random.key(5)
-  full = samplers.ddpm_sample(model_fn, schedule, x_T, rng,
+  full = samplers.ddpm_sample(denoise_fn, schedule, x_T, rng,
                               variance='beta_tilde', clip_denoised=False)
   spaced, t_map = samplers.respace(schedule, np.arange(1000))
   np.testing.assert_array_equal(t_map, np.arange(1000))
   np.testing.assert_allclose(spaced.betas, schedule.betas, rtol=2e-3)
-  again = samplers.ddpm_sample(lambda x, i: model_fn(x, t_map[i]), spaced,
+  again = samplers.ddpm_sample(lambda x, i: denoise_fn(x, t_map[i]), spaced,
                                x_T, rng, variance='beta_tilde',
                                clip_denoised=False)
   np.testing.assert_allclose(again, full, atol=2e-3)
@@ -119,7 +126,7 @@ def test_respaced_ddpm_keeps_abar_and_samples_the_data(schedule):
   # reverse variance: beta~ (the lower bound) undershoots s^2, beta (the upper
   # bound) overshoots it (Nichol & Dhariwal 2021, sec. 3.1); means are exact.
   out = {v: np.asarray(samplers.sample(
-      gaussian_eps_denoiser(schedule, MU, S2), schedule,
+      gaussian_denoiser(schedule, MU, S2), schedule,
       jax.random.normal(jax.random.key(0), (4096, 2, 2, 1)),
       jax.random.key(1), sampler='ddpm', num_steps=100, variance=v,
       clip_denoised=False)) for v in ('beta_tilde', 'beta')}
@@ -130,11 +137,12 @@ def test_respaced_ddpm_keeps_abar_and_samples_the_data(schedule):
 
 def test_sampler_choice_errors(schedule):
   x = jnp.zeros((1, 2, 2, 1))
+  identity = denoiser.make_denoiser(lambda x, t: x, schedule, 'eps')
   with pytest.raises(ValueError, match='config.sample.sampler'):
-    samplers.sample(lambda x, t: x, schedule, x, jax.random.key(0),
+    samplers.sample(identity, schedule, x, jax.random.key(0),
                     sampler='euler')
   with pytest.raises(ValueError, match='sampler=ddpm'):
-    samplers.sample(lambda x, t: x, schedule, x, jax.random.key(0),
+    samplers.sample(identity, schedule, x, jax.random.key(0),
                     sampler='ddim', x0_at=(3,))
 
 
@@ -142,15 +150,13 @@ def test_sampler_choice_errors(schedule):
     {'sample.sampler': 'ddim', 'sample.num_steps': 5},
     {'sample.sampler': 'ddpm', 'sample.num_steps': 5}])
 def test_config_selects_the_sampler_in_the_trainer(overrides):
-  from diffusion_jax import parallel, train  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import experiment, parallel  # pylint: disable=g-import-not-at-top
   from tests.util import tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config(**overrides)
-  mesh = parallel.create_mesh()
-  model, sched = train.create_model_and_schedule(config)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
-                      jnp.zeros((1,), jnp.int32), train=False)['params']
-  fn = train.make_sample_fn(config, model, sched, mesh)
-  x_T = train.sample_noise(config, 8, 1, mesh)
+  exp = experiment.build(config, parallel.create_mesh(), mode='sample')
+  params = exp.method.init_params(jax.random.key(0))
+  fn = exp.jit_sample_fn()
+  x_T = exp.sample_noise(8, 1)
   out = np.asarray(fn(params, x_T, jax.random.key(0)))
   assert out.shape == (8, 8, 8, 1) and np.isfinite(out).all()
   again = np.asarray(fn(params, x_T, jax.random.key(1)))
@@ -158,37 +164,39 @@ def test_config_selects_the_sampler_in_the_trainer(overrides):
   assert np.array_equal(out, again) != stochastic
 
 
-@pytest.mark.parametrize('loss_name', ['eps_mse', 'x0_mse', 'v_mse'])
+@pytest.mark.parametrize('prediction', ['eps', 'x0', 'v'])
 def test_each_prediction_target_trains_and_samples_consistently(
-    schedule, loss_name):
+    schedule, prediction):
   """An oracle knowing x0 has zero loss for its target; the analytic Gaussian
   denoiser expressed in that target samples exactly as in eps form."""
-  from diffusion_jax import losses  # pylint: disable=g-import-not-at-top
   x0 = jax.random.uniform(jax.random.key(0), (64, 2, 2, 1), minval=-1)
 
   def oracle(x_t, t):
-    eps = schedules.eps_from_x0(schedule, x_t, t, x0)
-    return {'eps_mse': eps, 'x0_mse': x0,
-            'v_mse': schedules.v_from_eps_x0(schedule, x_t, t, eps, x0),
-            }[loss_name]
+    eps = denoiser.to_x0_eps(schedule, 'x0', x_t, t, x0)[1]
+    return {'eps': eps, 'x0': x0,
+            'v': denoiser.target(schedule, 'v', x0, eps, t),
+            }[prediction]
 
-  loss = losses.get_loss_fn(loss_name)(oracle, schedule, x0, jax.random.key(1))
+  t, noise = losses.draw_t_and_noise(schedule, x0, jax.random.key(1))
+  loss = jnp.mean(losses.per_example_loss('mse', prediction)(
+      oracle, schedule, x0, t, noise))
   assert float(loss) < 1e-4
   # The analytic eps-denoiser, re-expressed as this target's prediction.
   eps_fn = gaussian_eps_denoiser(schedule, MU, S2)
 
   def target_fn(x_t, t):
     eps = eps_fn(x_t, t)
-    x0_hat = schedules.predict_x0_from_eps(schedule, x_t, t, eps)
-    return {'eps_mse': eps, 'x0_mse': x0_hat,
-            'v_mse': schedules.v_from_eps_x0(schedule, x_t, t, eps, x0_hat),
-            }[loss_name]
+    x0_hat = denoiser.to_x0_eps(schedule, 'eps', x_t, t, eps)[0]
+    return {'eps': eps, 'x0': x0_hat,
+            'v': denoiser.target(schedule, 'v', x0_hat, eps, t),
+            }[prediction]
 
   x_T = jax.random.normal(jax.random.key(2), (256, 2, 2, 1))
   ts = samplers.spaced_timesteps(1000, 50)
-  want = samplers.ddim_sample(eps_fn, schedule, x_T, jax.random.key(3),
-                              timesteps=ts, clip_denoised=False)
-  got = samplers.ddim_sample(losses.eps_model(target_fn, schedule, loss_name),
-                             schedule, x_T, jax.random.key(3), timesteps=ts,
-                             clip_denoised=False)
+  want = samplers.ddim_sample(denoiser.make_denoiser(eps_fn, schedule, 'eps'),
+                              schedule, x_T, jax.random.key(3), timesteps=ts,
+                              clip_denoised=False)
+  got = samplers.ddim_sample(
+      denoiser.make_denoiser(target_fn, schedule, prediction), schedule, x_T,
+      jax.random.key(3), timesteps=ts, clip_denoised=False)
   np.testing.assert_allclose(got, want, atol=2e-3)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from scipy import special
 
+from diffusion_jax.diffusion import denoiser
+from diffusion_jax.diffusion import losses
 from diffusion_jax.diffusion import sde
 from diffusion_jax.diffusion import sde_samplers
 
@@ -47,14 +49,14 @@ def np_target(kind, prediction, x0, eps, t):
 def gaussian_model(process, prediction):
   """The optimal network for x0 ~ N(MU, S^2 I): x0_hat = E[x0 | x_t] (the
   Gaussian posterior mean), eps_hat = (x_t - alpha x0_hat) / sigma, returned
-  as `prediction` through sde.target."""
+  as `prediction` through denoiser.target."""
   def model_fn(x_t, t):
     alpha, sigma = process.alpha_sigma(t)
     a = alpha.reshape(-1, *[1] * (x_t.ndim - 1))
     s = sigma.reshape(a.shape)
     x0_hat = MU + a * S ** 2 * (x_t - a * MU) / (a * a * S ** 2 + s * s)
     eps_hat = (x_t - a * x0_hat) / s
-    return sde.target(process, prediction, x0_hat, eps_hat, t)
+    return denoiser.target(process, prediction, x0_hat, eps_hat, t)
   return model_fn
 
 
@@ -73,9 +75,10 @@ def exact_flow(process, z):
 
 def run(process, z, rng, **kwargs):
   prediction = kwargs.pop('prediction', PREDICTION[process.kind])
-  fn = jax.jit(lambda z, rng: sde_samplers.sample(
-      gaussian_model(process, prediction), process, prediction, z, rng,
-      **kwargs))
+  denoise_fn = denoiser.make_denoiser(gaussian_model(process, prediction),
+                                      process, prediction)
+  fn = jax.jit(lambda z, rng: sde_samplers.sample(denoise_fn, process, z, rng,
+                                                  **kwargs))
   return np.asarray(fn(z, rng))
 
 
@@ -198,7 +201,7 @@ def test_sample_time_uniform_and_logit_normal():
 # --- prediction targets and the loss ----------------------------------------
 
 @pytest.mark.parametrize('kind', sde.PROCESSES)
-@pytest.mark.parametrize('prediction', sde.PREDICTIONS)
+@pytest.mark.parametrize('prediction', denoiser.PREDICTIONS)
 def test_targets_and_their_inverses_are_exact(kind, prediction):
   process = sde.Process(kind)
   k = jax.random.split(jax.random.key(0), 2)
@@ -208,16 +211,16 @@ def test_targets_and_their_inverses_are_exact(kind, prediction):
   # eps, and where sigma = 0 (rectified flow at t = 0) for x0.
   t_np = np.array([max(process.t_min, 1e-3), 0.01, 0.3, 0.6, 0.9, 0.999])
   t = jnp.asarray(t_np, jnp.float32)
-  x_t = sde.q_sample(process, x0, t, eps)
+  x_t = denoiser.q_sample(process, x0, t, eps)
   a, s = np_alpha_sigma(kind, t_np)
   np.testing.assert_allclose(
       x_t, a[:, None, None, None] * x0 + s[:, None, None, None] * eps,
       rtol=1e-5, atol=1e-5)
-  y = sde.target(process, prediction, x0, eps, t)
+  y = denoiser.target(process, prediction, x0, eps, t)
   np.testing.assert_allclose(
       y, np_target(kind, prediction, np.float64(x0), np.float64(eps), t_np),
       rtol=1e-4, atol=1e-4)
-  x0_hat, eps_hat = sde.to_x0_eps(process, prediction, x_t, t, y)
+  x0_hat, eps_hat = denoiser.to_x0_eps(process, prediction, x_t, t, y)
   # Exact up to float32 rounding of x_t (of size 1 + sigma), amplified by
   # the conditioning of the 2x2 system: 1/alpha when x0 comes from an eps
   # prediction, 1/sigma when eps comes from an x0 prediction.
@@ -231,18 +234,18 @@ def test_targets_and_their_inverses_are_exact(kind, prediction):
   # Score of q(x_t | x0) = N(alpha x0, sigma^2): -(x_t - alpha x0) / sigma^2.
   want_score = -(np.float64(x_t) - a[:, None, None, None] * np.float64(x0)
                  ) / s[:, None, None, None] ** 2
-  np.testing.assert_allclose(sde.score_from_eps(process, t, eps), want_score,
-                             rtol=1e-3, atol=1e-3)
+  np.testing.assert_allclose(denoiser.score_from_eps(process, t, eps),
+                             want_score, rtol=1e-3, atol=1e-3)
 
 
 def test_unknown_prediction():
   with pytest.raises(ValueError, match='unknown prediction'):
-    sde.target(sde.Process('vp'), 'score', jnp.zeros(2), jnp.zeros(2),
-               jnp.ones(2))
+    denoiser.target(sde.Process('vp'), 'score', jnp.zeros(2), jnp.zeros(2),
+                    jnp.ones(2))
 
 
 @pytest.mark.parametrize('kind', sde.PROCESSES)
-@pytest.mark.parametrize('prediction', sde.PREDICTIONS)
+@pytest.mark.parametrize('prediction', denoiser.PREDICTIONS)
 def test_loss_of_the_optimal_model_is_the_closed_form_minimum(kind,
                                                               prediction):
   """For x0 ~ N(MU, S^2) every target is y = c_x x0 + c_e eps, and given x_t
@@ -255,8 +258,7 @@ def test_loss_of_the_optimal_model_is_the_closed_form_minimum(kind,
   noise = jax.random.normal(k[1], x0.shape)
   t = sde.sample_time(k[2], x0.shape[0], t_min=max(process.t_min, 1e-3))
   model_fn = gaussian_model(process, prediction)
-  loss = float(sde.loss_given_noise(model_fn, process, prediction, x0, t,
-                                    noise))
+  loss = float(losses.mse_loss(model_fn, process, prediction, x0, t, noise))
   t64 = np.float64(t)
   a, s = np_alpha_sigma(kind, t64)
   da, ds = np_derivatives(kind, t64)
@@ -273,14 +275,15 @@ def test_loss_of_the_optimal_model_is_the_closed_form_minimum(kind,
   half = lambda x, t: 0.5 * x
   want = np.mean((np_target(kind, prediction, np.float64(x0),
                             np.float64(noise), t64)
-                  - 0.5 * np.float64(sde.q_sample(process, x0, t, noise)))
+                  - 0.5 * np.float64(denoiser.q_sample(process, x0, t,
+                                                       noise)))
                  ** 2)
-  assert float(sde.loss_given_noise(half, process, prediction, x0, t, noise)
+  assert float(losses.mse_loss(half, process, prediction, x0, t, noise)
                ) == pytest.approx(want, rel=1e-3)
   # Any other model does worse.
   worse = lambda x, t: model_fn(x, t) + 0.1
-  assert float(sde.loss_given_noise(worse, process, prediction, x0, t,
-                                    noise)) > loss
+  assert float(losses.mse_loss(worse, process, prediction, x0, t,
+                               noise)) > loss
 
 
 # --- the samplers, driven by the optimal model of Gaussian data ------------
@@ -336,7 +339,7 @@ def test_every_prediction_gives_the_same_ode_path(z, kind):
   to_x0_eps the sampler sees the same (x0_hat, eps_hat) and so takes the same
   path (rectified flow rejects eps, see test_sampler_errors)."""
   process = sde.Process(kind)
-  predictions = [p for p in sde.PREDICTIONS
+  predictions = [p for p in denoiser.PREDICTIONS
                  if not (kind == 'rectified_flow' and p == 'eps')]
   outs = [run(process, z[:8], None, sampler='heun', num_steps=50,
               prediction=p) for p in predictions]
@@ -384,8 +387,8 @@ def test_denoise_returns_the_x0_prediction_at_t_min(z):
   x = run(process, z, None, sampler='heun', num_steps=20)
   denoised = run(process, z, None, sampler='heun', num_steps=20, denoise=True)
   t = jnp.full((8,), process.t_min)
-  want = sde.to_x0_eps(process, 'x0', jnp.asarray(x), t,
-                       gaussian_model(process, 'x0')(jnp.asarray(x), t))[0]
+  want = denoiser.to_x0_eps(process, 'x0', jnp.asarray(x), t,
+                            gaussian_model(process, 'x0')(jnp.asarray(x), t))[0]
   np.testing.assert_allclose(denoised, want, rtol=1e-5, atol=1e-6)
   assert not np.allclose(denoised, x, atol=1e-4)
   # Rectified flow already ends on the data at t_min = 0: nothing to do.
@@ -413,13 +416,24 @@ def test_time_grid():
      "'velocity', 'v' or 'x0'"),
 ])
 def test_sampler_errors(kind, prediction, kwargs, match):
+  process = sde.Process(kind)
+  # The check callers run before anything is compiled (sampling.check, from
+  # DiffusionMethod.from_config) sees the prediction ...
   with pytest.raises(ValueError, match=match):
-    sde_samplers.sample(lambda x, t: x, sde.Process(kind), prediction,
-                        jnp.zeros((2, 3)), jax.random.key(0), **kwargs)
+    sde_samplers.check_sample_args(process, prediction, **kwargs)
+  if kind == 'rectified_flow' and prediction == 'eps':
+    return  # ... which the samplers, seeing only a denoiser, cannot.
+  # The samplers run the same checks; an unknown prediction already fails
+  # when the denoiser is made.
+  with pytest.raises(ValueError, match=match):
+    sde_samplers.sample(
+        denoiser.make_denoiser(lambda x, t: x, process, prediction), process,
+        jnp.zeros((2, 3)), jax.random.key(0), **kwargs)
 
 
 def test_sde_samplers_need_an_rng():
+  process = sde.Process('vp')
   with pytest.raises(ValueError, match='rng'):
-    sde_samplers.sample(lambda x, t: x, sde.Process('vp'), 'eps',
-                        jnp.zeros((2, 3)), None, sampler='euler_maruyama',
-                        num_steps=3)
+    sde_samplers.sample(denoiser.make_denoiser(lambda x, t: x, process, 'eps'),
+                        process, jnp.zeros((2, 3)), None,
+                        sampler='euler_maruyama', num_steps=3)
