@@ -14,6 +14,7 @@ the likelihood evaluation stream 2.
 import dataclasses
 from typing import Iterator
 
+from etils import epath
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
@@ -154,6 +155,15 @@ class Experiment:
         sharding=parallel.batch_sharded(self.mesh))
 
 
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """workdir/config.json: the full config of a run (process 0 writes)."""
+  if jax.process_index() == 0:
+    path = epath.Path(workdir)  # Local or gs://.
+    path.mkdir(parents=True, exist_ok=True)
+    (path / 'config.json').write_text(
+        config.to_json_best_effort(indent=2, sort_keys=True))
+
+
 def _check_loop(config, mesh) -> None:
   """Batch sizes fit the mesh; intervals are positive and fall on the
   boundaries of compiled calls."""
@@ -208,6 +218,10 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None, *,
     parallel.check_batch_size(config.eval.batch_size, mesh,
                               'config.eval.batch_size')
   method = methods.create_method(config) if method is None else method
+  if (mode == 'sample' and config.sample.progressive_timesteps
+      and not hasattr(method, 'sample_progressive')):
+    raise ValueError('config.sample.progressive_timesteps needs a diffusion '
+                     f'method; {method.describe()} has no x0 predictions')
   return Experiment(
       config=config, mesh=mesh, method=method, seed=config.seed,
       data=config.data,

@@ -17,13 +17,12 @@ import time
 
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
-from etils import epath
 import jax
 import numpy as np
 import optax
 import tqdm
 
-from diffusion_jax import checkpointing, parallel, visualization
+from diffusion_jax import checkpointing, experiment, parallel, visualization
 from diffusion_jax.experiment import GRID_STREAM, Experiment
 from diffusion_jax.metrics import sample_quality
 from diffusion_jax.preemption import PreemptionGuard
@@ -31,14 +30,6 @@ from diffusion_jax.preemption import PreemptionGuard
 
 class NonFiniteLossError(FloatingPointError):
   """Training diverged; the message names the step and the kept checkpoint."""
-
-
-def write_config(config, workdir: str) -> None:
-  if jax.process_index() == 0:
-    path = epath.Path(workdir)  # Local or gs://.
-    path.mkdir(parents=True, exist_ok=True)
-    (path / 'config.json').write_text(
-        config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def _finite(tree) -> bool:
@@ -126,7 +117,7 @@ def train_and_evaluate(exp: Experiment, workdir: str):
     # Fails on a checkpoint of another model before anything compiles.
     checkpointer.check_compatible(exp.abstract_state(), latest)
   train_iter = exp.train_iterator(start_step=latest or 0)
-  write_config(exp.config, workdir)
+  experiment.write_config(exp.config, workdir)
   state = _restore_or_init(exp, checkpointer, train_iter, latest)
   start_step = int(jax.device_get(state.step))
   k = loop.steps_per_call

@@ -20,7 +20,7 @@ import pytest
 from configs import cifar10_ddpm, default
 from diffusion_jax.convert import diffusers as cd
 from diffusion_jax.convert import diffusers_cli
-from diffusion_jax import generate, parallel, train
+from diffusion_jax import experiment, generate, methods, parallel
 from tests.util import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,12 +122,9 @@ def _numpy_state_dict(model):
 
 def _our_model(hf_config, base=None):
   config = cd.config_from_diffusers(hf_config, base or default.get_config())
-  model, _ = train.create_model_and_schedule(config)
-  shape = (1, *train.image_shape(config))
-  abstract = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros(shape),
-                         jnp.zeros((1,), jnp.int32), train=False))['params']
-  return config, model, abstract
+  method = methods.DiffusionMethod.from_config(config)
+  abstract = jax.eval_shape(method.init_params, jax.random.key(0))
+  return config, method.network, abstract
 
 
 def _num_params(tree):
@@ -347,8 +344,9 @@ def test_cli_writes_a_checkpoint_that_sample_mode_restores(tmp_path):
   assert saved['model']['ch_mult'] == [1, 2] and saved['data']['channels'] == 1
   _, _, abstract = _our_model(TINY_CONFIG)
   want = cd.convert_params(_numpy_state_dict(hf), abstract)
-  ema, step = generate.load_ema_params(config, str(workdir),
-                                       parallel.create_mesh())
+  ema, step = generate.load_sample_params(
+      experiment.build(config, parallel.create_mesh(), mode='sample'),
+      str(workdir))
   assert step == 0
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(ema), want)
 

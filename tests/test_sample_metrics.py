@@ -29,7 +29,7 @@ from diffusion_jax.metrics import distances
 from diffusion_jax.metrics import feature_stats
 from diffusion_jax.metrics import inception
 from diffusion_jax.metrics import sample_quality
-from tests.util import tiny_config
+from tests.util import run_eval, run_train, tiny_config
 
 SMALL = inception.MIN_INPUT_SIZE  # 75: the cheapest input the network takes.
 
@@ -391,19 +391,19 @@ def test_matches_pytorch_fid(tmp_path):
 
 
 def test_eval_mode_reports_fid_is_kid_and_says_against_what(tmp_path):
-  """--mode=eval with config.fid.num_samples: the sample-quality block lands
-  in metrics.json next to bits/dim, naming the reference split."""
-  from diffusion_jax import evaluate  # pylint: disable=g-import-not-at-top
+  """--mode=eval with config.sample_quality.num_samples: the sample-quality
+  block lands in metrics.json next to bits/dim, naming the reference split."""
   from tests.test_likelihood import write_checkpoint  # pylint: disable=g-import-not-at-top
   digits = sources.load_split(tiny_config().data, 'test').images
   np.savez(tmp_path / 'data.npz', train_images=digits[24:48],
            test_images=digits[:24])
   config = tiny_config(**{
       'data.source': 'npz', 'data.data_dir': str(tmp_path / 'data.npz'),
-      'fid.num_samples': 8, 'fid.resize_to': SMALL, 'fid.reference': 'eval'})
+      'sample_quality.num_samples': 8, 'sample_quality.resize_to': SMALL,
+      'sample_quality.reference': 'eval'})
   write_checkpoint(config, str(tmp_path), 2)
   with pytest.warns(UserWarning):
-    metrics = evaluate.evaluate(config, str(tmp_path))
+    metrics = run_eval(config, str(tmp_path))
   quality = metrics['sample_quality']
   assert quality['fid_vs'] == 'test' and quality['num_samples'] == 8
   assert quality['inception_weights'] == 'random'
@@ -413,9 +413,9 @@ def test_eval_mode_reports_fid_is_kid_and_says_against_what(tmp_path):
 
 
 def test_periodic_fid_during_training_goes_to_tensorboard(tmp_path):
-  """config.fid.every_steps: the loop scores its EMA params at those steps.
-  compute_sample_quality itself is tested above; here it is recorded."""
-  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+  """config.sample_quality.every_steps: the loop scores its EMA params at
+  those steps. compute_sample_quality itself is tested above; here it is
+  recorded."""
   calls = []
 
   def fake(sample_batch, **kwargs):
@@ -425,12 +425,13 @@ def test_periodic_fid_during_training_goes_to_tensorboard(tmp_path):
             'num_samples': kwargs['num_samples'],
             'comparable_to_published': False}
 
-  config = tiny_config(**{'fid.every_steps': 2, 'fid.train_num_samples': 8,
-                          'fid.resize_to': SMALL})
+  config = tiny_config(**{'sample_quality.every_steps': 2,
+                          'sample_quality.train_num_samples': 8,
+                          'sample_quality.resize_to': SMALL})
   with mock.patch.object(sample_quality, 'compute_sample_quality', fake), \
        mock.patch.object(sample_quality, 'load_inception',
                          return_value='inception'):
-    train.train_and_evaluate(config, str(tmp_path))
+    run_train(config, str(tmp_path))
   assert [c[:2] for c in calls] == [(8, SMALL), (8, SMALL)]  # steps 2 and 4
 
 

@@ -40,8 +40,8 @@ def convert_to_workdir(src: str, workdir: str,
   """
   # Imported here: the training stack (TensorFlow via clu) is slow to import
   # and not needed to read or map weights.
-  from diffusion_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.train_state import create_optimizer, create_train_state  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import checkpointing, experiment, methods  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.train_state import create_train_state  # pylint: disable=g-import-not-at-top
 
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
@@ -50,22 +50,18 @@ def convert_to_workdir(src: str, workdir: str,
                      '--workdir')
   hf_config, state_dict = diffusers.load_diffusers_unet(src)
   config = diffusers.config_from_diffusers(hf_config, base_config)
-  model, _ = train.create_model_and_schedule(config)
-  x = jax.ShapeDtypeStruct((1, *train.image_shape(config)), np.float32)
-  t = jax.ShapeDtypeStruct((1,), np.int32)
-  abstract = jax.eval_shape(
-      lambda x, t: model.init(jax.random.key(0), x, t, train=False), x, t)
+  method = methods.DiffusionMethod.from_config(config)
+  abstract = jax.eval_shape(method.init_params, jax.random.key(0))
   params = jax.tree.map(jnp.asarray,
-                        diffusers.convert_params(state_dict,
-                                                 abstract['params']))
-  state = create_train_state(params, create_optimizer(config.optim))
+                        diffusers.convert_params(state_dict, abstract))
+  state = create_train_state(params, method.optimizer)
   num = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
   checkpointer = checkpointing.Checkpointer(ckpt_dir)
   # The input pipeline's position ({'step': 0}), so fine-tuning resumes.
   checkpointer.save(0, state, {'step': 0})
   checkpointer.wait_until_finished()
   checkpointer.close()
-  train.write_config(config, workdir)
+  experiment.write_config(config, workdir)
   logging.info('Converted %s (%s parameters) into %s/checkpoints/0',
                src, f'{num:,}', workdir)
   return config
