@@ -342,7 +342,7 @@ def test_run_directory_in_the_dict_layout_resumes_and_trains_on(tmp_path):
   layout = {'step': np.int32(2), 'params': state.params,
             'ema_params': state.ema_params, 'opt_state': state.opt_state}
   ckpt = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'))
-  ckpt.save(2, layout, {})
+  ckpt.save(2, layout, {'step': 2})  # the input pipeline's position
   ckpt.close()
   restored = jax.device_get(run_train(config, str(tmp_path)))
   assert int(restored.step) == 2
