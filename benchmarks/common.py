@@ -1,13 +1,44 @@
-"""Set-up shared by the benchmark scripts."""
+"""Set-up, the timing loop and --smoke / --json_out, shared by the benchmark
+scripts (tests/test_benchmarks.py runs each with --smoke)."""
 
+import dataclasses
+import json
+import os
+import time
+
+from absl import flags
 import jax
+import numpy as np
 
-from diffusion_jax import parallel, train, train_state
+from diffusion_jax import host_malloc  # ctypes only: cheap to import
+
+# A script's --smoke network (tests/test_benchmarks.py): one resolution
+# level (plus the middle block's attention) compiles ~3x faster than
+# tests/util.py's two-level tiny U-Net, and compiling dominates a smoke run.
+SMOKE_MODEL = dict(ch=16, ch_mult=(1,), num_res_blocks=1, num_groups=4,
+                   temb_dim=32)
+
+
+def smoke_model(config):
+  """config with the smoke network (in place; returned for chaining)."""
+  config.model.update(SMOKE_MODEL)
+  return config
+
+
+def write_json(path, report: dict) -> None:
+  """The figures a script printed (--json_out), for tests/test_benchmarks.py;
+  nothing without a path. numpy scalars are written as floats."""
+  if path:
+    with open(path, 'w') as f:
+      json.dump(report, f, indent=1, default=float)
 
 
 def model_state_and_images(config, batch_size: int, mesh):
   """(model, schedule, optimizer, fresh replicated train state, a random
   batch-sharded image batch in [-1, 1]) for timing a config's step."""
+  # Imported here so that the scripts without a model (conv_grad, group_norm,
+  # input_pipeline) need none of the trainer to write their JSON.
+  from diffusion_jax import parallel, train, train_state  # pylint: disable=g-import-not-at-top
   model, schedule = train.create_model_and_schedule(config)
   optimizer = train_state.create_optimizer(config.optim)
   state = train.init_train_state(config, model, optimizer, mesh,
@@ -17,3 +48,86 @@ def model_state_and_images(config, batch_size: int, mesh):
                          (batch_size, *train.image_shape(config)), minval=-1),
       parallel.batch_sharded(mesh))
   return model, schedule, optimizer, state, images
+
+
+def define_smoke_flags() -> None:
+  """--smoke and --json_out, for the absl scripts (see apply_smoke)."""
+  flags.DEFINE_bool('smoke', False, 'Tiny sizes, to check that the script '
+                    'runs (tests/test_benchmarks.py); the figures mean '
+                    'nothing.')
+  flags.DEFINE_string('json_out', None, 'Also write the figures as JSON here.')
+
+
+def apply_smoke(**tiny) -> None:
+  """With --smoke, gives the absl flags not set on the command line the tiny
+  values `tiny` (flag name -> value)."""
+  if flags.FLAGS.smoke:
+    for name, value in tiny.items():
+      if not flags.FLAGS[name].present:
+        flags.FLAGS[name].value = value
+
+
+def parse_args(parser, **tiny):
+  """argparse's parse_args plus --smoke and --json_out: with --smoke, the
+  options not given take the tiny values `tiny` (dest -> value)."""
+  parser.add_argument('--smoke', action='store_true',
+                      help='Tiny sizes, for tests/test_benchmarks.py.')
+  parser.add_argument('--json_out', help='Also write the figures as JSON here.')
+  args = parser.parse_args()
+  if args.smoke:
+    parser.set_defaults(**tiny)
+    args = parser.parse_args()
+  return args
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfTimed:
+  """A candidate's own time (with_malloc_variants): a type of its own, so
+  that no other return value (vs_diffusers' diffusers step returns its loss,
+  a float) is taken for a time."""
+  seconds: float
+
+
+def load() -> str:
+  return '/'.join(f'{x:.1f}' for x in os.getloadavg())
+
+
+def alternate(cands: dict, reps: int, label: str):
+  """Times each candidate once per repetition, in turn (the order reversed
+  every other repetition, so no candidate always follows the same one);
+  returns the lists of seconds. A candidate returning a SelfTimed has timed
+  itself; any other return value is ignored."""
+  times = {name: [] for name in cands}
+  for r in range(reps):
+    line = []
+    order = list(cands.items())
+    for name, fn in order if r % 2 == 0 else order[::-1]:
+      t0 = time.perf_counter()
+      own = fn()
+      elapsed = time.perf_counter() - t0
+      times[name].append(own.seconds if isinstance(own, SelfTimed)
+                          else elapsed)
+      line.append(f'{name} {times[name][-1]:.3f}')
+    print(f'  [{label} rep {r}] ' + ', '.join(line) + f'  load {load()}',
+          flush=True)
+  return times
+
+
+def with_malloc_variants(cands: dict) -> dict:
+  """Each candidate with glibc's malloc settings and with host_malloc's big
+  heap (name + '+bigheap'), each timing only its second call."""
+  out = {}
+  for name, fn in cands.items():
+    for on in (False, True):
+      def run(fn=fn, on=on):
+        host_malloc.keep_large_buffers(on)
+        fn()  # untimed: lets the allocator settle in this mode
+        t0 = time.perf_counter()
+        fn()
+        return SelfTimed(time.perf_counter() - t0)
+      out[f'{name}{"+bigheap" if on else ""}'] = run
+  return out
+
+
+def median_ratio(num, den):
+  return float(np.median(np.asarray(num) / np.asarray(den)))

@@ -15,6 +15,7 @@ load:
 and prints medians with the load average. To time XLA's convolutions without
 YNNPACK (BENCHMARKS.md, issue 7), run it with
 XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution.
+`--smoke` (tests/test_benchmarks.py): two tiny shapes, one repetition.
 """
 
 import argparse
@@ -24,12 +25,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
 from jax import lax
-import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.models import conv  # pylint: disable=wrong-import-position
+from benchmarks import common
+from diffusion_jax.models import conv
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
@@ -38,6 +41,7 @@ MAIN = (8, 32, 128, 128, 3, 1)
 ALL = [MAIN, (8, 32, 256, 128, 3, 1), (8, 16, 256, 256, 3, 1),
        (8, 8, 256, 256, 3, 1), (8, 4, 256, 256, 3, 1), (8, 32, 128, 128, 3, 2),
        (8, 32, 256, 128, 1, 1), (8, 32, 3, 128, 3, 1)]
+SMOKE = [(2, 8, 16, 16, 3, 1), (2, 8, 16, 8, 3, 2)]  # --shapes smoke
 
 
 def make_candidates(b, size, cin, cout, k, s):
@@ -94,10 +98,12 @@ def make_candidates(b, size, cin, cout, k, s):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--reps', type=int, default=9)
-  parser.add_argument('--shapes', choices=('main', 'all'), default='main')
+  parser.add_argument('--shapes', choices=('main', 'all', 'smoke'),
+                      default='main')
   parser.add_argument('--batch', type=int, default=8)
-  args = parser.parse_args()
-  for shape in ALL if args.shapes == 'all' else [MAIN]:
+  args = common.parse_args(parser, reps=1, shapes='smoke', batch=2)
+  report = {}
+  for shape in dict(main=[MAIN], all=ALL, smoke=SMOKE)[args.shapes]:
     shape = (args.batch, *shape[1:])
     b, size, cin, cout, k, s = shape
     flop = 2 * b * (size // s) ** 2 * k * k * cin * cout
@@ -111,13 +117,18 @@ def main():
         t0 = time.perf_counter()
         run(fn, a)
         times[name].append(time.perf_counter() - t0)
-    print(f'batch {b}, {size}x{size}, {cin}->{cout}, {k}x{k} stride {s}: '
-          f'{flop / 1e9:.2f} GFLOP per pass; load {os.getloadavg()[0]:.2f}')
+    title = f'batch {b}, {size}x{size}, {cin}->{cout}, {k}x{k} stride {s}'
+    print(f'{title}: {flop / 1e9:.2f} GFLOP per pass; '
+          f'load {os.getloadavg()[0]:.2f}')
+    rows = report[title] = dict(flop=flop, candidates={})
     for name, t in times.items():
       med = float(np.median(t))
       passes = 3 if 'grads' in name else 1
+      rows['candidates'][name] = dict(times=t, median_s=med, passes=passes,
+                                      gflop_per_s=passes * flop / med / 1e9)
       print(f'  {name:16s} {med * 1e3:7.1f} ms  '
             f'{passes * flop / med / 1e9:5.0f} GFLOP/s')
+  common.write_json(args.json_out, report)
 
 
 if __name__ == '__main__':

@@ -10,6 +10,8 @@ r"""Inception feature extraction speed, and FIDs with the random network.
    run in --workdir if it has a checkpoint (via compute_sample_quality), and
    uniform noise (should be highest). FIDs from so few images are strongly
    biased upwards; they are no published-comparable numbers.
+`--smoke` (tests/test_benchmarks.py): Inception's smallest input, 16 images
+per set, no checkpoint.
 """
 
 import os
@@ -23,6 +25,7 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 import jax
 import numpy as np
 
+from benchmarks import common
 from configs import default
 from diffusion_jax import experiment, generate, parallel
 from diffusion_jax.data import sources
@@ -32,10 +35,13 @@ from diffusion_jax.metrics import sample_quality
 flags.DEFINE_integer('num_timed', 32, 'Images timed for the 10k estimate.')
 flags.DEFINE_integer('batch_size', 16, 'Inception batch (global).')
 flags.DEFINE_integer('num_fid', 128, 'Images per FID set.')
+flags.DEFINE_integer('num_ref', 0, 'Reference images (0: the whole test '
+                     'split).')
 flags.DEFINE_integer('resize_to', inception.INPUT_SIZE, 'Inception input.')
 flags.DEFINE_string('workdir', 'workdir/digits', 'Run with a digits '
                     'checkpoint (configs/default.py) to sample from; '
                     'skipped if absent.')
+common.define_smoke_flags()
 FLAGS = flags.FLAGS
 
 
@@ -53,6 +59,8 @@ def _features(fn, variables, mesh, images_u8, batch):
 
 
 def main(_):
+  common.apply_smoke(num_timed=8, batch_size=8, num_fid=16, num_ref=16,
+                     resize_to=inception.MIN_INPUT_SIZE, workdir='')
   mesh = parallel.create_mesh()
   params = inception.random_params(0)
   variables = sample_quality.replicate(params, mesh)
@@ -74,10 +82,13 @@ def main(_):
         f'{compile_s:.1f} s; {per_image * 1e3:.0f} ms/image over '
         f'{n_batches * b} timed images -> 10k images ~ '
         f'{per_image * 1e4 / 60:.1f} min (extrapolated, not run).')
+  report = dict(compile_s=compile_s, timed_images=n_batches * b,
+                per_image_s=per_image, fid={})
 
   config = default.get_config()
   n = FLAGS.num_fid
   test = sources.load_split(config.data, 'test').images
+  test = test[:FLAGS.num_ref or len(test)]
   train_imgs = sources.load_split(config.data, 'train').images[:n]
   noise = rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
   ref = _features(fn, variables, mesh, test, b)
@@ -88,6 +99,8 @@ def main(_):
     s = _features(fn, variables, mesh, imgs, b)
     fid = distances.frechet_distance(ref.mu, ref.sigma, s.mu, s.sigma)
     print(f'  {name:22s} FID {fid:10.4f}')
+    report['fid'][name] = fid
+  common.write_json(FLAGS.json_out, report)  # rewritten if samples follow
   if os.path.isdir(os.path.join(FLAGS.workdir, 'checkpoints')):
     config.sample.batch_size = 64
     t0 = time.perf_counter()
@@ -109,6 +122,8 @@ def main(_):
           f'IS {out["is_mean"]:.3f} KID {out["kid_mean"]:.4f} '
           f'(compute_sample_quality, {time.perf_counter() - t0:.0f} s incl. '
           f'1000-step sampling)')
+    report['fid'][f'EMA samples, step {step}'] = out['fid']
+    common.write_json(FLAGS.json_out, report)
 
 
 if __name__ == '__main__':

@@ -11,7 +11,8 @@ the EMA params. Printed per row: sliced Wasserstein-1 distance and RBF-MMD^2
 next to the same figures for 300 training images ("data vs data", the
 floor), and the sampling time of the 300 images. FID's Inception features
 mean little on 8x8 digits (and no Inception weights ship here), hence pixel
-space distances.
+space distances. `--smoke` (tests/test_benchmarks.py): a tiny U-Net, 2
+steps, samplers cut to 2 steps, ddpm_eps only unless --only says otherwise.
 """
 
 import importlib
@@ -25,6 +26,7 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 import jax
 import numpy as np
 
+from benchmarks import common
 from diffusion_jax import checkpointing, parallel
 from diffusion_jax import train
 from diffusion_jax.data import sources
@@ -34,9 +36,11 @@ flags.DEFINE_integer('steps', 1500, 'Training steps per objective.')
 flags.DEFINE_string('only', '', 'Comma-separated objective names.')
 flags.DEFINE_string('workdir', '/tmp/objectives_digits',
                     'Where runs are written (reused: finished runs resume).')
+common.define_smoke_flags()
 FLAGS = flags.FLAGS
 
 NUM = 300  # the size of the digits test split
+SMOKE_SAMPLER_STEPS = 2
 
 # name -> (config module, overrides, [(sampler, num_steps, extra), ...])
 OBJECTIVES = {
@@ -68,6 +72,9 @@ def load_config(module: str, overrides: dict, steps: int):
   config.sample_every_steps = steps
   config.checkpoint_every_steps = steps
   config.update_from_flattened_dict(overrides)
+  if FLAGS.smoke:
+    common.smoke_model(config)
+    config.sample.num_steps = SMOKE_SAMPLER_STEPS  # also the training grid's
   return config
 
 
@@ -111,6 +118,8 @@ def run(names, steps: int, workdir: str):
     train_s = time.perf_counter() - start
     model, schedule = train.create_model_and_schedule(config)
     for sampler, num_steps, extra in sampler_list:
+      if FLAGS.smoke:
+        num_steps = min(num_steps, SMOKE_SAMPLER_STEPS)
       config.sample.sampler, config.sample.num_steps = sampler, num_steps
       for key, value in extra.items():
         config.sample[key] = value
@@ -125,6 +134,8 @@ def run(names, steps: int, workdir: str):
 
 
 def main(_):
+  common.apply_smoke(steps=2, only='ddpm_eps',
+                     workdir='/tmp/objectives_digits_smoke')
   names = FLAGS.only.split(',') if FLAGS.only else list(OBJECTIVES)
   rows = run(names, FLAGS.steps, FLAGS.workdir)
   _, floor = data_floor(load_config('default', {}, FLAGS.steps))
@@ -142,6 +153,8 @@ def main(_):
   print('# training seconds: ' + ', '.join(
       f"{name} {next(r['train_s'] for r in rows if r['objective'] == name):.0f}"
       for name in names))
+  common.write_json(FLAGS.json_out, dict(objectives=names, floor=floor,
+                                         rows=rows))
 
 
 if __name__ == '__main__':

@@ -11,7 +11,8 @@ summed over threads, and ops running concurrently (XLA's thunk executor
 overlaps independent ones) each count their whole span: use it to rank ops,
 not to add up to the wall time. The op names are those of
 the optimised HLO, so `--dump_hlo=DIR` writes it for looking up what a
-fusion contains.
+fusion contains. `--smoke`: a tiny U-Net, batch 2, one profiled step
+(tests/test_benchmarks.py).
 """
 
 import collections
@@ -45,6 +46,7 @@ flags.DEFINE_enum('ynn_conv', 'on', ['on', 'off'],
                   'off: compile with conv.NO_YNN_CONV.')
 flags.DEFINE_bool('cpu_big_heap', True,
                   'As main.py: diffusion_jax/host_malloc.py on the CPU.')
+common.define_smoke_flags()
 FLAGS = flags.FLAGS
 
 
@@ -79,9 +81,12 @@ def category(name: str, ops) -> str:
 
 
 def main(_):
+  common.apply_smoke(batch_size=2, steps=1, top=5)
   if FLAGS.cpu_big_heap and jax.default_backend() == 'cpu':
     host_malloc.keep_large_buffers()
   config = cifar10_ddpm.get_config()
+  if FLAGS.smoke:
+    common.smoke_model(config)
   conv.WEIGHT_GRAD = FLAGS.weight_grad
   mesh = parallel.create_mesh()
   b = FLAGS.batch_size
@@ -152,6 +157,9 @@ def main(_):
   for name, sec in ops.most_common(FLAGS.top):
     shape, op = instrs.get(name, ('', ''))
     print(f'  {name:28s} {sec * 1e3:8.1f} ms  {shape:24s} {op[-70:]}')
+  common.write_json(FLAGS.json_out, dict(
+      wall_s=wall, op_s=total, kinds=dict(kinds),
+      top_ops=dict(ops.most_common(FLAGS.top))))
 
 
 if __name__ == '__main__':

@@ -17,7 +17,8 @@ Part 2: the CLI on localhost as 1 process with 2 devices vs 2 processes with
 read from the runs' logs (median of the logged intervals after compilation).
 
 On a shared 2-core CPU, 8 simulated devices cannot be faster than 1: the
-point here is the communication pattern, not speed-up.
+point here is the communication pattern, not speed-up. `--smoke`: a tiny
+U-Net and a few steps, in both parts (tests/test_benchmarks.py).
 """
 
 import os
@@ -29,7 +30,8 @@ import sys
 import tempfile
 import time
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+USER_XLA_FLAGS = os.environ.get('XLA_FLAGS', '')  # for part 2's processes too
+os.environ['XLA_FLAGS'] = (USER_XLA_FLAGS +
                            ' --xla_force_host_platform_device_count=8')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -39,6 +41,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffusion_jax import parallel, train, train_state  # pylint: disable=g-import-not-at-top, wrong-import-position
 
 config_flags.DEFINE_config_file('config', os.path.join(REPO, 'configs',
@@ -46,6 +49,7 @@ config_flags.DEFINE_config_file('config', os.path.join(REPO, 'configs',
 flags.DEFINE_integer('steps', 20, 'Timed steps per mesh (after warm-up).')
 flags.DEFINE_integer('process_steps', 60, 'Steps of each CLI run in part 2.')
 flags.DEFINE_bool('skip_processes', False, 'Skip part 2.')
+common.define_smoke_flags()
 FLAGS = flags.FLAGS
 
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter',
@@ -103,6 +107,7 @@ def bench_mesh(config, devices, steps):
 
 
 def report_mesh(name, config, devices, steps):
+  """Prints a mesh's figures; returns them."""
   rate, ops, param_bytes = bench_mesh(config, devices, steps)
   total = sum(b for _, b, _ in ops)
   kinds = sorted({op for op, _, _ in ops})
@@ -113,7 +118,7 @@ def report_mesh(name, config, devices, steps):
         f'{total / param_bytes:.3f} x param bytes ({param_bytes:,}); '
         f'{len(big)} of >= 1 KiB ({sum(big):,} bytes); in computations: '
         f'{where}', flush=True)
-  return rate
+  return dict(steps_per_s=rate, collectives=ops, param_bytes=param_bytes)
 
 
 def _free_port():
@@ -123,12 +128,16 @@ def _free_port():
 
 
 def _launch(workdir, devices_per_process, steps, log, extra=()):
+  if FLAGS.smoke:
+    extra = [f'--config.model.{k}={v}' for k, v in common.SMOKE_MODEL.items()
+            ] + list(extra)
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count='
-             f'{devices_per_process}')
+             XLA_FLAGS=f'{USER_XLA_FLAGS} '
+             f'--xla_force_host_platform_device_count={devices_per_process}')
   cmd = [sys.executable, '-m', 'diffusion_jax.main',
          '--config=configs/default.py', f'--workdir={workdir}',
-         f'--config.num_train_steps={steps}', '--config.log_every_steps=10',
+         f'--config.num_train_steps={steps}',
+         f'--config.log_every_steps={max(1, steps // 6)}',
          f'--config.checkpoint_every_steps={steps}',
          '--config.sample_every_steps=0', *extra]
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
@@ -164,24 +173,32 @@ def processes(steps):
 
 
 def main(_):
+  common.apply_smoke(steps=1, process_steps=4)
   config = FLAGS.config
+  if FLAGS.smoke:
+    common.smoke_model(config)
   print(f'JAX {jax.__version__}, {jax.device_count()} x '
         f'{jax.devices()[0].platform}; config batch {config.batch_size}, '
         f'model ch {config.model.ch} ch_mult {tuple(config.model.ch_mult)}; '
         f'load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores',
         flush=True)
-  one = report_mesh('1-device mesh', config, jax.devices()[:1], FLAGS.steps)
-  eight = report_mesh('8-device mesh', config, jax.devices(), FLAGS.steps)
+  meshes = {}
+  for name, devices in (('1-device mesh', jax.devices()[:1]),
+                        ('8-device mesh', jax.devices())):
+    meshes[name] = report_mesh(name, config, devices, FLAGS.steps)
+  one, eight = (m['steps_per_s'] for m in meshes.values())
   print(f'8 vs 1 devices at global batch {config.batch_size}: '
         f'{eight / one:.2f}x steps/s', flush=True)
   accum = config.copy_and_resolve_references()
   with accum.unlocked():
     accum.grad_accum_steps = 4
-  report_mesh('8-device mesh, grad_accum_steps=4', accum, jax.devices(),
-              FLAGS.steps)
+  name = '8-device mesh, grad_accum_steps=4'
+  meshes[name] = report_mesh(name, accum, jax.devices(), FLAGS.steps)
+  report = dict(meshes=meshes, eight_vs_one=eight / one)
   if not FLAGS.skip_processes:
-    processes(FLAGS.process_steps)
+    report['processes'] = processes(FLAGS.process_steps)
   print(f'load average at the end: {os.getloadavg()[0]:.1f}')
+  common.write_json(FLAGS.json_out, report)
 
 
 if __name__ == '__main__':

@@ -9,6 +9,8 @@ EMA params. Printed per row: sliced Wasserstein-1 and RBF-MMD^2 against
 held-out data, next to the same figures for a second held-out draw of the
 data ("data vs data": the floor set by sampling error), and the sampling
 time. tests/test_objectives.py (slow) asserts on the same numbers.
+`--smoke` (tests/test_benchmarks.py): every objective with its first sampler,
+2 training steps, sampling cut to 2 steps, 64 samples.
 """
 
 import os
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from configs import default
 from diffusion_jax import parallel, train, train_state
 from diffusion_jax.metrics import distances
@@ -30,7 +33,9 @@ from diffusion_jax.models.mlp import MLP
 flags.DEFINE_integer('steps', 3000, 'Training steps per objective.')
 flags.DEFINE_integer('num_samples', 2000, 'Samples per sampler.')
 flags.DEFINE_string('only', '', 'Comma-separated objective names to run.')
+common.define_smoke_flags()
 FLAGS = flags.FLAGS
+SMOKE_SAMPLER_STEPS = 2
 
 # name -> (config overrides, [(sampler, num_steps), ...])
 OBJECTIVES = {
@@ -131,6 +136,8 @@ def run(names, steps: int, num: int):
     overrides, sampler_list = OBJECTIVES[name]
     config, model, schedule, params, train_s = train_objective(
         overrides, sampler_list[0][0], steps)
+    if FLAGS.smoke:
+      sampler_list = [(sampler_list[0][0], SMOKE_SAMPLER_STEPS)]
     for sampler, num_steps in sampler_list:
       samples, sample_s = draw(config, model, schedule, params, sampler,
                                num_steps, num)
@@ -141,6 +148,7 @@ def run(names, steps: int, num: int):
 
 
 def main(_):
+  common.apply_smoke(steps=2, num_samples=64)
   names = FLAGS.only.split(',') if FLAGS.only else list(OBJECTIVES)
   floor, rows = run(names, FLAGS.steps, FLAGS.num_samples)
   print(f'# jax {jax.__version__}, {jax.devices()[0].platform}, '
@@ -152,6 +160,8 @@ def main(_):
   for r in rows:
     print(f"| {r['objective']} | {r['sampler']} | {r['num_steps']} | "
           f"{r['swd']:.4f} | {r['mmd']:.5f} | {r['sample_s']:.2f} |")
+  common.write_json(FLAGS.json_out, dict(objectives=names, floor=floor,
+                                         rows=rows))
 
 
 if __name__ == '__main__':

@@ -5,7 +5,8 @@ r"""Train-step and forward timing of a config's model on this machine.
 
 Prints seconds per train step, images/s, forward time, XLA's FLOP count and
 the process's peak RSS. Data are random (the input pipeline is benchmarked
-separately in benchmarks/input_pipeline.py).
+separately in benchmarks/input_pipeline.py). `--smoke`: a tiny U-Net, batch
+2, one step (tests/test_benchmarks.py).
 """
 
 import os
@@ -29,6 +30,7 @@ flags.DEFINE_integer('batch_size', 8, 'Global batch size.')
 flags.DEFINE_integer('steps', 5, 'Timed steps (after one warm-up step).')
 flags.DEFINE_bool('cpu_big_heap', True,
                   'As main.py: diffusion_jax/host_malloc.py on the CPU.')
+common.define_smoke_flags()
 FLAGS = flags.FLAGS
 
 
@@ -43,9 +45,12 @@ def timed(fn, n):
 
 
 def main(_):
+  common.apply_smoke(batch_size=2, steps=1)
   if FLAGS.cpu_big_heap and jax.default_backend() == 'cpu':
     host_malloc.keep_large_buffers()
   config = FLAGS.config
+  if FLAGS.smoke:
+    common.smoke_model(config)
   mesh = parallel.create_mesh()
   b = FLAGS.batch_size
   model, schedule, optimizer, state, images = common.model_state_and_images(
@@ -85,6 +90,11 @@ def main(_):
   print(f'forward:    {fwd_med:.3f} s median, {b / fwd_med:.1f} images/s, '
         f'{fwd_flops / b / 1e9:.1f} GFLOP/image')
   print(f'peak RSS: {rss_gb:.2f} GB')
+  common.write_json(FLAGS.json_out, dict(
+      batch_size=b, compile_s=compile_s, step_median_s=step_med,
+      step_min_s=step_min, step_images_per_s=b / step_med, step_flops=flops,
+      forward_median_s=fwd_med, forward_images_per_s=b / fwd_med,
+      forward_flops=fwd_flops, peak_rss_gb=rss_gb))
 
 
 if __name__ == '__main__':

@@ -7,7 +7,8 @@ machine may be shared, so every figure is measured alternately in one process
 (ours, theirs, theirs, ours, ...: the order reverses every repetition) and
 each line carries the load average; ratios are medians of per-repetition
 ratios of neighbouring measurements. `--notorch` times only our variants
-(--weight_grad x --step_ynn_conv), e.g. to measure one change.
+(--weight_grad x --step_ynn_conv), e.g. to measure one change. `--smoke`
+runs every part on a tiny U-Net (tests/test_benchmarks.py).
 
 What it prints, per batch size:
   train step   ours (one compiled call: dropout 0.1, Adam, clipping at 1.0,
@@ -50,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from configs import cifar10_ddpm
 from diffusion_jax import host_malloc, parallel, train, train_state
 from diffusion_jax.diffusion import samplers
@@ -82,6 +84,7 @@ flags.DEFINE_enum('malloc', 'big', ['default', 'big', 'ab'],
                   'every call (diffusion_jax/host_malloc.py); default: '
                   "glibc's own; ab: alternate both for every candidate.")
 flags.DEFINE_bool('torch', True, 'Include diffusers + torch.')
+common.define_smoke_flags()
 FLAGS = flags.FLAGS
 
 # google/ddpm-cifar10-32's UNet2DModel config (as tests/test_convert_diffusers).
@@ -95,73 +98,41 @@ CIFAR10_UNET = dict(
     norm_num_groups=32, out_channels=3, sample_size=32,
     time_embedding_type='positional',
     up_block_types=['UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'])
-
-
-def load() -> str:
-  return '/'.join(f'{x:.1f}' for x in os.getloadavg())
-
-
-def alternate(cands: dict, reps: int, label: str):
-  """Times each candidate once per repetition, in turn (the order reversed
-  every other repetition, so no candidate always follows the same one);
-  returns the lists of seconds. A candidate returning a number has timed
-  itself (see with_malloc_variants)."""
-  times = {name: [] for name in cands}
-  for r in range(reps):
-    line = []
-    order = list(cands.items())
-    for name, fn in order if r % 2 == 0 else order[::-1]:
-      t0 = time.perf_counter()
-      own = fn()
-      elapsed = time.perf_counter() - t0
-      times[name].append(own if isinstance(own, float) else elapsed)
-      line.append(f'{name} {times[name][-1]:.3f}')
-    print(f'  [{label} rep {r}] ' + ', '.join(line) + f'  load {load()}',
-          flush=True)
-  return times
-
-
-def median_ratio(num, den):
-  return float(np.median(np.asarray(num) / np.asarray(den)))
-
-
-def with_malloc_variants(cands: dict) -> dict:
-  if FLAGS.malloc != 'ab':
-    return cands
-  out = {}
-  for name, fn in cands.items():
-    for on in (False, True):
-      def run(fn=fn, on=on):
-        host_malloc.keep_large_buffers(on)
-        fn()  # untimed: lets the allocator settle in this mode
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-      out[f'{name}{"+bigheap" if on else ""}'] = run
-  return out
+# --smoke: the shape of common.SMOKE_MODEL.
+SMOKE_UNET = dict(CIFAR10_UNET, block_out_channels=[16], layers_per_block=1,
+                  norm_num_groups=4, down_block_types=['DownBlock2D'],
+                  up_block_types=['UpBlock2D'])
 
 
 def time_cands(cands, reps, label):
-  """alternate(), with each candidate timed both ways in 'ab' malloc mode."""
-  return alternate(with_malloc_variants(cands), reps, label)
+  """common.alternate(), each candidate timed both ways in 'ab' malloc mode."""
+  if FLAGS.malloc == 'ab':
+    cands = common.with_malloc_variants(cands)
+  return common.alternate(cands, reps, label)
 
 
 def summarize(times, b, flops=None, peaks=None, ref=None):
+  """Prints a line per candidate; returns its figures, with the times."""
+  rows = {}
   for name, t in times.items():
     med = float(np.median(t))
+    row = rows[name] = dict(times=t, median_s=med, images_per_s=b / med)
     line = f'  {name:28s} {med:7.3f} s  {b / med:7.1f} images/s'
     if flops and peaks:
-      line += '  MFU ' + ', '.join(f'{flops / med / p:.0%} of {k}'
-                                   for k, p in peaks.items())
+      row['mfu'] = {k: flops / med / p for k, p in peaks.items()}
+      line += '  MFU ' + ', '.join(f'{v:.0%} of {k}'
+                                   for k, v in row['mfu'].items())
     if ref and ref in times and name != ref:
-      line += f'  speed-up vs {ref}: {median_ratio(times[ref], t):.2f}x'
+      row['speedup_vs_ref'] = common.median_ratio(times[ref], t)
+      line += f'  speed-up vs {ref}: {row["speedup_vs_ref"]:.2f}x'
     print(line)
+  return dict(ref=ref, flops=flops, candidates=rows)
 
 
-def matmul_peaks(reps):
+def matmul_peaks(reps, sizes=(2048, 4096)):
   """fp32 matmul FLOP/s: torch.mm (MKL) and a jitted XLA dot, alternating."""
   peaks = {}
-  for n in (2048, 4096):
+  for n in sizes:
     a = jax.random.normal(jax.random.key(0), (n, n))
     xla_dot = jax.jit(jnp.matmul)
     xla_dot(a, a).block_until_ready()
@@ -171,7 +142,7 @@ def matmul_peaks(reps):
       ta = torch.randn(n, n)
       torch.mm(ta, ta)
       cands[f'torch mm {n}'] = lambda: torch.mm(ta, ta)
-    times = alternate(cands, reps, 'peak')
+    times = common.alternate(cands, reps, 'peak')
     for name, t in times.items():
       rate = 2 * n ** 3 / float(np.median(t))
       print(f'  {name}: {rate / 1e9:.0f} GFLOP/s')
@@ -267,7 +238,8 @@ class Theirs:
     import torch  # pylint: disable=g-import-not-at-top
     self.torch = torch
     torch.manual_seed(0)
-    self.model = diffusers.UNet2DModel(**CIFAR10_UNET, dropout=0.1)
+    self.model = diffusers.UNet2DModel(
+        **(SMOKE_UNET if FLAGS.smoke else CIFAR10_UNET), dropout=0.1)
     self.params = [p for p in self.model.parameters()]
     self.ema = [p.detach().clone() for p in self.params]
     self.opt = torch.optim.Adam(self.params, lr=2e-4, foreach=True)
@@ -312,18 +284,25 @@ class Theirs:
 
 
 def main(_):
+  common.apply_smoke(batch_sizes=['2'], reps=2, sample_steps=2)
   if FLAGS.malloc == 'big':
     host_malloc.keep_large_buffers(True)
-  import torch  # pylint: disable=g-import-not-at-top
+  versions = f'jax {jax.__version__}'
+  if FLAGS.torch:
+    import torch  # pylint: disable=g-import-not-at-top
+    versions += (f', torch {torch.__version__} ({torch.get_num_threads()} '
+                 f'threads, OMP_WAIT_POLICY={os.environ["OMP_WAIT_POLICY"]})')
   print(f'{jax.device_count()} x {jax.devices()[0].platform}, '
-        f'{os.cpu_count()} CPUs, jax {jax.__version__}, torch '
-        f'{torch.__version__} ({torch.get_num_threads()} threads, '
-        f'OMP_WAIT_POLICY={os.environ["OMP_WAIT_POLICY"]}), '
-        f'malloc={FLAGS.malloc}, load {load()}')
-  peaks = matmul_peaks(3) if 'peaks' in FLAGS.what else {}
+        f'{os.cpu_count()} CPUs, {versions}, malloc={FLAGS.malloc}, '
+        f'load {common.load()}')
+  sizes = (64, 128) if FLAGS.smoke else (2048, 4096)
+  peaks = matmul_peaks(3, sizes) if 'peaks' in FLAGS.what else {}
   print('peaks (GFLOP/s): ' + ', '.join(f'{k} {v / 1e9:.0f}'
                                         for k, v in peaks.items()))
   config = cifar10_ddpm.get_config()
+  if FLAGS.smoke:
+    common.smoke_model(config)
+  report = dict(peaks=peaks, batches={})
   for b in map(int, FLAGS.batch_sizes):
     print(f'\n== batch {b} ==')
     ours = Ours(config, b)
@@ -338,39 +317,42 @@ def main(_):
             f'{m.argument_size_in_bytes / 2 ** 30:.2f} GiB, output '
             f'{m.output_size_in_bytes / 2 ** 30:.2f} GiB, aliased '
             f'{m.alias_size_in_bytes / 2 ** 30:.2f} GiB')
+    parts = report['batches'][b] = {}
 
     def versus_diffusers(title, label, cands, theirs_fn, model_flops):
       if theirs:
         cands['diffusers+torch'] = theirs_fn()
       print(title)
       times = time_cands(cands, FLAGS.reps, label)
-      summarize(times, b, model_flops, peaks,
-                'diffusers+torch' if theirs else None)
+      return summarize(times, b, model_flops, peaks,
+                       'diffusers+torch' if theirs else None)
 
     if 'train' in FLAGS.what:
-      versus_diffusers(
+      parts['train'] = versus_diffusers(
           'train step:', f'train b={b}',
           {f'ours[{mode}]': ours.step(mode) for mode in ours.steps},
           lambda: theirs.step(), flops)
     if 'forward' in FLAGS.what:
-      versus_diffusers(
+      parts['forward'] = versus_diffusers(
           'forward (eval):', f'fwd b={b}',
           {f'ours[ynn_conv={y}]': ours.forward(y) for y in FLAGS.ynn_conv},
           lambda: theirs.forward(), ours.fwd_flops)
     if 'sample' in FLAGS.what:
       n, ynn = FLAGS.sample_steps, FLAGS.ynn_conv[-1]
       fwd, loop = ours.forward(ynn), ours.sampler(n, ynn)
-      times = alternate({'forward': fwd, f'sampler x{n}': loop}, FLAGS.reps,
-                        f'sample b={b}')
+      times = common.alternate({'forward': fwd, f'sampler x{n}': loop},
+                               FLAGS.reps, f'sample b={b}')
       per_step = np.asarray(times[f'sampler x{n}']) / n
-      overhead = median_ratio(per_step, times['forward']) - 1
+      overhead = common.median_ratio(per_step, times['forward']) - 1
       print(f'sampling: {np.median(per_step):.3f} s/step vs forward '
             f'{np.median(times["forward"]):.3f} s: loop overhead '
             f'{overhead:+.1%} per step (ynn_conv={ynn})')
+      parts['sample'] = dict(times=times, num_steps=n, overhead=overhead)
     del ours, theirs
   print(f'\npeak RSS of this process: '
         f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} '
-        f'GB; load {load()}')
+        f'GB; load {common.load()}')
+  common.write_json(FLAGS.json_out, report)
 
 
 if __name__ == '__main__':
