@@ -33,21 +33,22 @@ def write_json(path, report: dict) -> None:
       json.dump(report, f, indent=1, default=float)
 
 
-def model_state_and_images(config, batch_size: int, mesh):
-  """(model, schedule, optimizer, fresh replicated train state, a random
-  batch-sharded image batch in [-1, 1]) for timing a config's step."""
+def experiment_state_and_images(config, batch_size: int, mesh):
+  """(experiment, fresh replicated train state, a random batch-sharded image
+  batch in [-1, 1]) for timing a config's step: exp.jit_train_step() is the
+  trainer's step, exp.method.network the model."""
   # Imported here so that the scripts without a model (conv_grad, group_norm,
   # input_pipeline) need none of the trainer to write their JSON.
-  from diffusion_jax import parallel, train, train_state  # pylint: disable=g-import-not-at-top
-  model, schedule = train.create_model_and_schedule(config)
-  optimizer = train_state.create_optimizer(config.optim)
-  state = train.init_train_state(config, model, optimizer, mesh,
-                                 jax.random.key(0))
+  from diffusion_jax import experiment, parallel  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config.batch_size = batch_size
+  exp = experiment.build(config, mesh)
+  state = exp.init_state(jax.random.key(0))
   images = jax.device_put(
       jax.random.uniform(jax.random.key(1),
-                         (batch_size, *train.image_shape(config)), minval=-1),
+                         (batch_size, *exp.method.image_shape), minval=-1),
       parallel.batch_sharded(mesh))
-  return model, schedule, optimizer, state, images
+  return exp, state, images
 
 
 def define_smoke_flags() -> None:

@@ -27,8 +27,7 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from diffusion_jax import checkpointing, parallel
-from diffusion_jax import train
+from diffusion_jax import checkpointing, experiment, parallel, trainer
 from diffusion_jax.data import sources
 from diffusion_jax.metrics import distances
 
@@ -46,7 +45,7 @@ SMOKE_SAMPLER_STEPS = 2
 OBJECTIVES = {
     'ddpm_eps': ('default', {}, [('ddpm', 1000, {}), ('ddpm', 100, {}),
                                  ('ddim', 50, {}), ('ddim', 20, {})]),
-    'ddpm_v_cosine': ('default', {'diffusion.loss': 'v_mse',
+    'ddpm_v_cosine': ('default', {'diffusion.prediction': 'v',
                                   'diffusion.beta_schedule': 'cosine'},
                       [('ddim', 50, {}), ('ddpm', 100, {})]),
     'iddpm_hybrid': ('digits_iddpm', {}, [('ddpm', 100, {}),
@@ -69,7 +68,7 @@ OBJECTIVES = {
 def load_config(module: str, overrides: dict, steps: int):
   config = importlib.import_module(f'configs.{module}').get_config()
   config.num_train_steps = steps
-  config.sample_every_steps = steps
+  config.sample_grid.every_steps = steps
   config.checkpoint_every_steps = steps
   config.update_from_flattened_dict(overrides)
   if FLAGS.smoke:
@@ -78,9 +77,10 @@ def load_config(module: str, overrides: dict, steps: int):
   return config
 
 
-def sample_images(config, model, schedule, params, mesh, seed: int = 0):
-  fn = train.make_sample_fn(config, model, schedule, mesh)
-  x_T = train.sample_noise(config, NUM, 5000 + seed, mesh)
+def sample_images(config, params, mesh, seed: int = 0):
+  exp = experiment.build(config, mesh, mode='sample')
+  fn = exp.jit_sample_fn()
+  x_T = exp.sample_noise(NUM, 5000 + seed)
   rng = jax.random.key(seed)
   jax.block_until_ready(fn(params, x_T, rng))  # compile
   start = time.perf_counter()
@@ -114,17 +114,16 @@ def run(names, steps: int, workdir: str):
     config = load_config(module, overrides, steps)
     run_dir = os.path.join(workdir, name)
     start = time.perf_counter()
-    state = train.train_and_evaluate(config, run_dir, mesh)
+    state = trainer.train_and_evaluate(experiment.build(config, mesh),
+                                       run_dir)
     train_s = time.perf_counter() - start
-    model, schedule = train.create_model_and_schedule(config)
     for sampler, num_steps, extra in sampler_list:
       if FLAGS.smoke:
         num_steps = min(num_steps, SMOKE_SAMPLER_STEPS)
       config.sample.sampler, config.sample.num_steps = sampler, num_steps
       for key, value in extra.items():
         config.sample[key] = value
-      images, sample_s = sample_images(config, model, schedule,
-                                       state.ema_params, mesh)
+      images, sample_s = sample_images(config, state.ema_params, mesh)
       reference, _ = data_floor(config)
       rows.append(dict(objective=name, sampler=sampler, num_steps=num_steps,
                        extra=extra, train_s=train_s, sample_s=sample_s,

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from configs import cifar10_ddpm
-from diffusion_jax import host_malloc, parallel, train
+from diffusion_jax import host_malloc, parallel
 from diffusion_jax.models import conv
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -90,8 +90,8 @@ def main(_):
   conv.WEIGHT_GRAD = FLAGS.weight_grad
   mesh = parallel.create_mesh()
   b = FLAGS.batch_size
-  model, schedule, optimizer, state, images = common.model_state_and_images(
-      config, b, mesh)
+  exp, state, images = common.experiment_state_and_images(config, b, mesh)
+  model = exp.method.network
   options = conv.NO_YNN_CONV if FLAGS.ynn_conv == 'off' else {}
   if FLAGS.forward:
     t = jnp.full((b,), 500, jnp.int32)
@@ -100,9 +100,8 @@ def main(_):
         compiler_options=options)
     run = lambda: compiled(state.params, images).block_until_ready()
   else:
-    compiled = train.jit_train_step(
-        train.make_train_step(config, model, schedule, optimizer),
-        mesh).lower(state, images).compile(compiler_options=options)
+    compiled = exp.jit_train_step().lower(state, images).compile(
+        compiler_options=options)
     holder = {'state': state}
 
     def run():

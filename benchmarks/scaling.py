@@ -42,7 +42,7 @@ from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,w
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from diffusion_jax import parallel, train, train_state  # pylint: disable=g-import-not-at-top, wrong-import-position
+from diffusion_jax import experiment, parallel  # pylint: disable=g-import-not-at-top, wrong-import-position
 
 config_flags.DEFINE_config_file('config', os.path.join(REPO, 'configs',
                                                        'default.py'), 'Config.')
@@ -82,17 +82,14 @@ def collectives(hlo: str):
 
 def bench_mesh(config, devices, steps):
   mesh = parallel.create_mesh(devices)
-  model, schedule = train.create_model_and_schedule(config)
-  optimizer = train_state.create_optimizer(config.optim)
-  state = train.init_train_state(config, model, optimizer, mesh,
-                                 jax.random.key(0))
+  exp = experiment.build(config, mesh)
+  state = exp.init_state(jax.random.key(0))
   param_bytes = sum(x.size * x.dtype.itemsize
                     for x in jax.tree.leaves(state.params))
-  step = train.jit_train_step(
-      train.make_train_step(config, model, schedule, optimizer), mesh)
+  step = exp.jit_train_step()
   images = jax.device_put(
       np.random.default_rng(0).uniform(
-          -1, 1, (config.batch_size, *train.image_shape(config))).astype(
+          -1, 1, (config.batch_size, *exp.method.image_shape)).astype(
               np.float32), parallel.batch_sharded(mesh))
   compiled = step.lower(state, images).compile()
   ops = collectives(compiled.as_text())
@@ -139,7 +136,7 @@ def _launch(workdir, devices_per_process, steps, log, extra=()):
          f'--config.num_train_steps={steps}',
          f'--config.log_every_steps={max(1, steps // 6)}',
          f'--config.checkpoint_every_steps={steps}',
-         '--config.sample_every_steps=0', *extra]
+         '--config.sample_grid.every_steps=0', *extra]
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
                           stderr=subprocess.STDOUT)
 

@@ -3,7 +3,7 @@ r"""Every objective and sampler on a 2-D toy distribution, in minutes on a CPU.
   .venv/bin/python benchmarks/toy2d.py [--steps=3000] [--num_samples=2000]
 
 Data: a ring of 8 Gaussians (radius 0.7, std 0.05). For each objective the
-trainer's own train step (train.make_train_step) trains a residual MLP
+trainer's own train step (DiffusionMethod.train_step) trains a residual MLP
 (models/mlp.py), then each listed sampler draws `num_samples` points from the
 EMA params. Printed per row: sliced Wasserstein-1 and RBF-MMD^2 against
 held-out data, next to the same figures for a second held-out draw of the
@@ -21,12 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
 from configs import default
-from diffusion_jax import parallel, train, train_state
+from diffusion_jax import experiment, methods, parallel
 from diffusion_jax.metrics import distances
 from diffusion_jax.models.mlp import MLP
 
@@ -40,8 +39,8 @@ SMOKE_SAMPLER_STEPS = 2
 # name -> (config overrides, [(sampler, num_steps), ...])
 OBJECTIVES = {
     'ddpm_eps': ({}, [('ddpm', 1000), ('ddpm', 100), ('ddim', 50)]),
-    'ddpm_x0': ({'diffusion.loss': 'x0_mse'}, [('ddim', 50)]),
-    'ddpm_v_cosine': ({'diffusion.loss': 'v_mse',
+    'ddpm_x0': ({'diffusion.prediction': 'x0'}, [('ddim', 50)]),
+    'ddpm_v_cosine': ({'diffusion.prediction': 'v',
                        'diffusion.beta_schedule': 'cosine'},
                       [('ddim', 50), ('ddpm', 100)]),
     'iddpm_hybrid': ({'diffusion.loss': 'hybrid',
@@ -58,7 +57,7 @@ OBJECTIVES = {
     've_eps': ({'diffusion.process': 've', 'diffusion.ve_sigma_max': 2.0},
                [('heun', 100), ('euler_maruyama', 1000), ('pc', 500)]),
     'rf_velocity': ({'diffusion.process': 'rectified_flow',
-                     'diffusion.loss': 'velocity_mse',
+                     'diffusion.prediction': 'velocity',
                      'diffusion.time_sampling': 'logit_normal'},
                     [('euler', 50), ('heun', 25)]),
 }
@@ -83,22 +82,21 @@ def make_config(overrides: dict, steps: int):
   return config
 
 
+def make_method(config, network):
+  """The diffusion method of config with the MLP on 2-D points."""
+  return methods.DiffusionMethod.from_config(config, network=network,
+                                             image_shape=(2,))
+
+
 def train_objective(overrides: dict, sampler: str, steps: int, seed: int = 0):
-  """Trains the MLP with the trainer's step; returns (config, model,
-  process or schedule, EMA params, seconds)."""
+  """Trains the MLP with the trainer's step; returns (config, method, EMA
+  params, seconds)."""
   config = make_config(overrides, steps)
   config.sample.sampler = sampler
-  train.check_diffusion_config(config)
-  _, schedule = train.create_model_and_schedule(config)
   learned = config.diffusion.sampler_variance == 'learned'
-  model = MLP(out_channels=2 * (2 if learned else 1))
-  params = model.init(jax.random.key(seed), jnp.zeros((1, 2)),
-                      jnp.zeros((1,)))['params']
-  optimizer = train_state.create_optimizer(config.optim)
-  sampler = train.importance_sampler(config)
-  state = train_state.create_train_state(params, optimizer,
-                                         sampler.init() if sampler else None)
-  step = jax.jit(train.make_train_step(config, model, schedule, optimizer))
+  method = make_method(config, MLP(out_channels=2 * (2 if learned else 1)))
+  state = method.init(jax.random.key(seed))
+  step = jax.jit(method.train_step)
   data = ring_data(steps * config.batch_size, seed=1 + seed)
   start = time.perf_counter()
   for i in range(steps):
@@ -107,15 +105,17 @@ def train_objective(overrides: dict, sampler: str, steps: int, seed: int = 0):
   loss = float(metrics['loss'])
   if not np.isfinite(loss):
     raise FloatingPointError(f'{overrides}: loss {loss}')
-  return config, model, schedule, state.ema_params, time.perf_counter() - start
+  return config, method, state.ema_params, time.perf_counter() - start
 
 
-def draw(config, model, schedule, params, sampler: str, num_steps: int,
-         num: int, seed: int = 0):
+def draw(config, method, params, sampler: str, num_steps: int, num: int,
+         seed: int = 0):
   config.sample.sampler = sampler
   config.sample.num_steps = num_steps
   mesh = parallel.create_mesh(jax.devices()[:1])
-  fn = train.make_sample_fn(config, model, schedule, mesh)
+  fn = experiment.build(config, mesh, mode='sample',
+                        method=make_method(config, method.network)
+                        ).jit_sample_fn()
   z = jax.random.normal(jax.random.key(100 + seed), (num, 2))
   jax.block_until_ready(fn(params, z, jax.random.key(seed)))  # compile
   start = time.perf_counter()
@@ -134,13 +134,13 @@ def run(names, steps: int, num: int):
   rows = []
   for name in names:
     overrides, sampler_list = OBJECTIVES[name]
-    config, model, schedule, params, train_s = train_objective(
+    config, method, params, train_s = train_objective(
         overrides, sampler_list[0][0], steps)
     if FLAGS.smoke:
       sampler_list = [(sampler_list[0][0], SMOKE_SAMPLER_STEPS)]
     for sampler, num_steps in sampler_list:
-      samples, sample_s = draw(config, model, schedule, params, sampler,
-                               num_steps, num)
+      samples, sample_s = draw(config, method, params, sampler, num_steps,
+                               num)
       rows.append(dict(objective=name, sampler=sampler, num_steps=num_steps,
                        train_s=train_s, sample_s=sample_s,
                        **scores(samples, heldout)))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from diffusion_jax import host_malloc, parallel, train
+from diffusion_jax import host_malloc, parallel
 
 config_flags.DEFINE_config_file('config', 'configs/cifar10_ddpm.py', 'Config.')
 flags.DEFINE_integer('batch_size', 8, 'Global batch size.')
@@ -53,10 +53,8 @@ def main(_):
     common.smoke_model(config)
   mesh = parallel.create_mesh()
   b = FLAGS.batch_size
-  model, schedule, optimizer, state, images = common.model_state_and_images(
-      config, b, mesh)
-  step = train.jit_train_step(
-      train.make_train_step(config, model, schedule, optimizer), mesh)
+  exp, state, images = common.experiment_state_and_images(config, b, mesh)
+  model, step = exp.method.network, exp.jit_train_step()
 
   t0 = time.perf_counter()
   compiled = step.lower(state, images).compile()

@@ -53,9 +53,8 @@ import numpy as np
 
 from benchmarks import common
 from configs import cifar10_ddpm
-from diffusion_jax import host_malloc, parallel, train, train_state
-from diffusion_jax.diffusion import samplers
-from diffusion_jax.diffusion import schedules
+from diffusion_jax import experiment, host_malloc, parallel
+from diffusion_jax.diffusion import denoiser, samplers, schedules
 from diffusion_jax.models import conv
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -161,13 +160,14 @@ class Ours:
   def __init__(self, config, b):
     self.b = b
     self.mesh = parallel.create_mesh()
-    self.model, self.schedule = train.create_model_and_schedule(config)
-    optimizer = train_state.create_optimizer(config.optim)
+    config = config.copy_and_resolve_references()
+    config.batch_size = b
+    exp = experiment.build(config, self.mesh)
+    self.model = exp.method.network
     self.images = jax.device_put(
-        jax.random.uniform(jax.random.key(1), (b, *train.image_shape(config)),
+        jax.random.uniform(jax.random.key(1), (b, *exp.method.image_shape),
                            minval=-1), parallel.batch_sharded(mesh=self.mesh))
-    self.state = train.init_train_state(config, self.model, optimizer,
-                                        self.mesh, jax.random.key(0))
+    self.state = exp.init_state(jax.random.key(0))
     self.steps, self.flops, self.memory = {}, {}, {}
     variants = [(m, y) for m in FLAGS.weight_grad
                 for y in FLAGS.step_ynn_conv]
@@ -176,11 +176,10 @@ class Ours:
     for mode, ynn in variants:
       name = f'{mode},ynn_conv={ynn}'
       conv.WEIGHT_GRAD = mode  # read while tracing
-      # A new function each time: jit would reuse a trace of the same one.
-      step_fn = train.make_train_step(config, self.model, self.schedule,
-                                      optimizer)
+      # jit_train_step traces a new function each time (WEIGHT_GRAD is read
+      # while tracing).
       t0 = time.perf_counter()
-      compiled = train.jit_train_step(step_fn, self.mesh).lower(
+      compiled = exp.jit_train_step().lower(
           self.state, self.images).compile(compiler_options=options(ynn))
       print(f'  compiled our step ({name}) in '
             f'{time.perf_counter() - t0:.1f} s')
@@ -217,10 +216,11 @@ class Ours:
     config = cifar10_ddpm.get_config()
     config.diffusion.num_timesteps = num_steps
     schedule = schedules.schedule_from_config(config.diffusion)
-    model_fn_of = lambda p: (lambda x, t: self.model.apply(
-        {'params': p}, x, t, train=False))
+    denoise_fn_of = lambda p: denoiser.make_denoiser(
+        lambda x, t: self.model.apply({'params': p}, x, t, train=False),
+        schedule, 'eps')
     sample = jax.jit(lambda p, x, rng: samplers.ddpm_sample(
-        model_fn_of(p), schedule, x, rng))
+        denoise_fn_of(p), schedule, x, rng))
     compiled = sample.lower(self.state.params, self.images,
                             jax.random.key(2)).compile(
                                 compiler_options=options(ynn))

@@ -94,11 +94,15 @@ class Experiment:
     lax.scan (score_sde's way: one dispatch per k steps), metrics with a
     leading k axis so logging and the NaN check still see every step."""
     k = self.loop.steps_per_call if steps_per_call is None else steps_per_call
-    step = self.method.train_step
+
+    # A new function on every call: jit keys its trace cache on the function,
+    # and code read while tracing (models/conv.py's WEIGHT_GRAD) may differ.
+    def step(state, batch):
+      return self.method.train_step(state, batch)
     if k > 1:
       one_step = step
 
-      def step(state, batches):
+      def step(state, batches):  # pylint: disable=function-redefined
         stacked = jax.tree.map(lambda *b: jax.numpy.stack(b), *batches)
         return jax.lax.scan(one_step, state, stacked)
     repl = parallel.replicated(self.mesh)
