@@ -141,12 +141,10 @@ class Process:
   def sde(self, x: jax.Array, t) -> tuple[jax.Array, jax.Array]:
     """The forward SDE dx = f(x, t) dt + g(t) dw whose marginals are the path.
 
-    Derived from alpha and sigma rather than coded per process: a linear SDE
-    dx = k(t) x dt + g dw started at x0 has mean alpha x0 with
-    alpha' = k alpha, and variance sigma^2 with (sigma^2)' = 2 k sigma^2 + g^2.
-    Hence f = (alpha'/alpha) x and g^2 = 2 sigma sigma' - 2 (alpha'/alpha)
-    sigma^2, which give VP's f = -beta x / 2, g = sqrt(beta) and VE's f = 0,
-    g = sigma sqrt(2 log(sigma_max / sigma_min)) (score_sde's VPSDE, VESDE).
+    Derived from alpha and sigma rather than coded per process: f =
+    (alpha'/alpha) x, g^2 = 2 sigma sigma' - 2 (alpha'/alpha) sigma^2
+    (docs/diffusion_math.md#the-forward-sde-from-alpha-sigma), which are
+    score_sde's VPSDE and VESDE.
 
     Returns:
       (f, g): the drift, shaped like x, and the diffusion g(t), shaped like t.

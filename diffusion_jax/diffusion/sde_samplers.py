@@ -78,18 +78,15 @@ def _finish(x, denoise_fn, process: Process, denoise: bool):
   return denoise_fn(x, jnp.float32(process.t_min))[0].astype(x.dtype)
 
 
-def ode_sample(denoise_fn: DenoiseFn, process: Process, z: jax.Array, rng: jax.Array | None = None, *, num_steps: int,
+def ode_sample(denoise_fn: DenoiseFn, process: Process, z: jax.Array,
+               rng: jax.Array | None = None, *, num_steps: int,
                method: str = 'euler', denoise: bool = False) -> jax.Array:
   """The probability-flow ODE dx/dt = alpha'(t) x0_hat + sigma'(t) eps_hat.
 
-  This is score_sde's PF-ODE f - g^2 score / 2 for VP and VE: with
-  f = (alpha'/alpha) x, g^2 = 2 sigma sigma' - 2 (alpha'/alpha) sigma^2,
-  score = -eps_hat / sigma and x = alpha x0_hat + sigma eps_hat,
-    f - g^2 score / 2 = (alpha'/alpha)(x - sigma eps_hat) + sigma' eps_hat
-                      = alpha' x0_hat + sigma' eps_hat,
-  i.e. E[dx_t/dt | x_t]; for rectified flow it is exactly the predicted
-  velocity eps_hat - x0_hat (the seed notes' x -= f(x, t)/T is its Euler
-  step). Deterministic: rng is unused.
+  This is score_sde's PF-ODE f - g^2 score / 2 (Song et al. 2021, eq. 13)
+  written through the denoiser (docs/diffusion_math.md#probability-flow-ode);
+  for rectified flow it is the predicted velocity eps_hat - x0_hat.
+  Deterministic: rng is unused.
 
   method 'euler': one network call per step. 'heun': the trapezoid rule
   x_{i+1} = x_i + dt (u(x_i, t_i) + u(x_e, t_{i+1})) / 2 with x_e the Euler
@@ -157,8 +154,8 @@ def _predictor_step(denoise_fn, process: Process, num_steps: int, rng, x,
 
 
 def euler_maruyama_sample(denoise_fn: DenoiseFn, process: Process,
-                          z: jax.Array,
-                          rng: jax.Array | None = None, *, num_steps: int,
+                          z: jax.Array, rng: jax.Array | None = None, *,
+                          num_steps: int,
                           denoise: bool = False) -> jax.Array:
   """Euler-Maruyama on the reverse SDE (VP and VE only).
 
@@ -191,7 +188,8 @@ def _reverse_sde_sample(denoise_fn, process: Process, num_steps: int, rng,
   return _finish(x, denoise_fn, process, denoise)
 
 
-def pc_sample(denoise_fn: DenoiseFn, process: Process, z: jax.Array, rng: jax.Array | None = None, *, num_steps: int,
+def pc_sample(denoise_fn: DenoiseFn, process: Process, z: jax.Array,
+              rng: jax.Array | None = None, *, num_steps: int,
               snr: float = 0.16, corrector_steps: int = 1,
               denoise: bool = False) -> jax.Array:
   """Predictor-corrector sampling (Song et al. 2021, Algorithms 2-3; VP, VE).
@@ -206,16 +204,9 @@ def pc_sample(denoise_fn: DenoiseFn, process: Process, z: jax.Array, rng: jax.Ar
   number of steps, where 1 - beta(t) dt turns negative below 20 steps).
 
   Deviation from score_sde: the norms ||w|| and ||score|| are taken per
-  sample, where score_sde averages them over the batch (and all devices).
-  There the step size, and so every sample, depends on the other samples in
-  the batch and on the device layout; here a sample depends on its own z
-  and noise only. For images (d in the thousands) the per-sample ratio
-  concentrates and the two agree closely; for tiny d it is noisy (E[||w||^2
-  / ||score||^2] carries a factor d / (d - 2)) and PC is biased.
-
-  Like any Langevin step of finite size, the corrector is biased towards a
-  wider distribution: for Gaussian p_t its fixed point has variance
-  Var / (1 - snr^2), 2.6% too wide at snr = 0.16 (the tests see ~1-4%).
+  sample, not over the batch, so a sample depends on its own noise only
+  (docs/diffusion_math.md#predictor-corrector: when this matters, and the
+  corrector's own bias of Var / (1 - snr^2)).
 
   Noise: corrector step j of grid step i uses fold_in(fold_in(rng, i), j + 1),
   the predictor fold_in(fold_in(rng, i), 0), so with corrector_steps = 0 this
