@@ -221,6 +221,11 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None, *,
   if mode == 'eval' or (mode == 'train' and q.every_steps):
     parallel.check_batch_size(config.eval.batch_size, mesh,
                               'config.eval.batch_size')
+  if (q.every_steps or q.num_samples) and q.reference not in ('train', 'eval'):
+    if not (q.reference.endswith('.npz') and epath.Path(q.reference).exists()):
+      raise ValueError(
+          f'config.sample_quality.reference={q.reference!r}: use "train", '
+          '"eval" or the path of an existing statistics .npz (mu, sigma)')
   method = methods.create_method(config) if method is None else method
   if (mode == 'sample' and config.sample.progressive_timesteps
       and not hasattr(method, 'sample_progressive')):

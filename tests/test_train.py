@@ -355,3 +355,19 @@ def test_a_first_wave_loss_name_names_the_new_keys():
   with pytest.raises(ValueError, match=r"config.diffusion.prediction='v' and "
                      r"config.diffusion.loss='mse'"):
     experiment.build(tiny_config(**{'diffusion.loss': 'v_mse'}))
+
+
+@pytest.mark.parametrize('overrides, match', [
+    ({'method': 'gan'}, r"unknown method 'gan': set config.method"),
+    ({'model.name': 'resnet'}, r"unknown model 'resnet'"),
+    ({'diffusion.process': 'edm'}, r'config.diffusion.process to one of'),
+    ({'sample.sampler': 'pc'}, r"sampler='pc' does not apply to the process "
+     r"'ddpm'"),
+    ({'sample_quality.every_steps': 2,
+      'sample_quality.reference': '/nowhere/stats.npz'},
+     r'config.sample_quality.reference'),
+    ({'keep_checkpoints': 0}, r'config.keep_checkpoints must be positive'),
+])
+def test_bad_config_values_fail_at_build_with_the_key(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    experiment.build(tiny_config(**overrides))
