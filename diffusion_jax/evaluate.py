@@ -67,7 +67,7 @@ def likelihood(exp: Experiment, params, split: str) -> dict:
   """The data-set mean of every per-image array, the total's standard
   error and the method's summary of them."""
   eval_step = make_eval_step(exp)
-  rng = jax.random.fold_in(jax.random.key(exp.seed), EVAL_STREAM)
+  rng = exp.sample_rng(EVAL_STREAM)
   totals, pending = None, []
   batches = exp.eval_iterator(split)
   for i, batch in enumerate(tqdm.tqdm(batches, desc='eval', unit='batch',

@@ -129,9 +129,10 @@ class Experiment:
     shape = self.method.noise_shape(num)
     make = jax.jit(lambda k: jax.random.normal(k, shape),
                    out_shardings=parallel.batch_sharded(self.mesh))
-    return make(jax.random.fold_in(jax.random.key(self.seed), stream))
+    return make(self.sample_rng(stream))
 
   def sample_rng(self, stream: int) -> jax.Array:
+    """key(seed) folded with a stream number (see the module docstring)."""
     return jax.random.fold_in(jax.random.key(self.seed), stream)
 
   def sample_batch_fn(self, params, batch_size: int, sample_fn=None):
