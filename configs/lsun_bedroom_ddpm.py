@@ -1,4 +1,7 @@
-"""DDPM on LSUN Bedroom 256x256: 2,400,000 steps (paper FID 4.90).
+"""DDPM on LSUN Bedroom 256x256: 2,400,000 steps (paper FID 6.36).
+
+The 114M model of Table 3 (and Figure 18). The paper's FID 4.90 is its
+larger ~256M variant trained for 1.15M steps: lsun_bedroom_large_ddpm.py.
 
 LSUN images are not square; export them once as image files under
 DATA_DIR/train/ (any layout below it) and pass

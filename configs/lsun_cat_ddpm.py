@@ -1,4 +1,4 @@
-"""DDPM on LSUN Cat 256x256: 1,800,000 steps.
+"""DDPM on LSUN Cat 256x256: 1,800,000 steps (paper FID 19.75).
 
 LSUN images are not square; export them once as image files under
 DATA_DIR/train/ (any layout below it) and pass

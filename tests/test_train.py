@@ -271,6 +271,25 @@ def test_paper_256_configs(name, steps, flip):
   assert config.model.dropout == 0.0 and config.data.image_size == 256
 
 
+def test_large_bedroom_config_is_the_papers_256m_model_and_builds():
+  """Ho et al. 2020, appendix B: the larger LSUN Bedroom model has ~256M
+  parameters (filter count increased) and trained 1.15M steps; the rest is
+  the standard Bedroom config's."""
+  from configs import lsun_bedroom_ddpm, lsun_bedroom_large_ddpm  # pylint: disable=g-import-not-at-top
+  config = lsun_bedroom_large_ddpm.get_config()
+  assert count_params(config) == 255_677_955
+  assert abs(count_params(config) - 256e6) / 256e6 < 0.005
+  standard = lsun_bedroom_ddpm.get_config().to_dict()
+  differs = {k for k, v in config.to_dict().items() if standard[k] != v}
+  assert differs == {'model', 'num_train_steps'}
+  model = {k for k, v in config.model.items() if standard['model'][k] != v}
+  assert model == {'ch', 'temb_dim'}
+  assert (config.model.ch, config.model.temb_dim) == (192, 768)
+  assert (config.num_train_steps, config.data.random_flip) == (1_150_000, False)
+  for mode in ('train', 'sample', 'eval'):
+    experiment.build(config, parallel.create_mesh(), mode=mode)
+
+
 @pytest.mark.parametrize('name', [
     'cifar10_iddpm', 'cifar10_rectified_flow', 'cifar10_cfg', 'digits_iddpm',
     'digits_rectified_flow', 'digits_cfg', 'digits_vp_sde', 'digits_ve_sde'])
