@@ -49,13 +49,14 @@ _W, _H, _PAD_L, _PAD_R, _PAD_T, _PAD_B = 420, 320, 64, 16, 30, 44
 
 
 def _ticks(lo, hi, log):
-  if log:  # lo, hi are log10 values; decades, or finer under two decades
+  if log:  # lo, hi are log10 values; decades, or under two decades round
+    # values (0.2, 0.4, ...) placed on the log axis
     decades = [10.0 ** e for e in range(math.floor(lo), math.ceil(hi) + 1)
                if lo <= e <= hi]
     return decades if len(decades) > 1 else [
-        10.0 ** v for v in _ticks(lo, hi, False)]
+        float(v) for v in _ticks(10.0 ** lo, 10.0 ** hi, False)]
   step = 10 ** math.floor(math.log10(max(hi - lo, 1e-12))) / 10
-  for mult in (1, 2, 5, 10):
+  for mult in (1, 2, 5, 10, 20):  # span/step is in [10, 100): 20 fits 60-99
     if (hi - lo) / (step * mult) <= 6:
       step *= mult
       break
