@@ -30,6 +30,7 @@ from configs import default
 from diffusion_jax import experiment, generate, parallel
 from diffusion_jax.data import sources
 from diffusion_jax.metrics import distances, feature_stats, inception
+from diffusion_jax.metrics import networks
 from diffusion_jax.metrics import sample_quality
 
 flags.DEFINE_integer('num_timed', 32, 'Images timed for the 10k estimate.')
@@ -63,8 +64,9 @@ def main(_):
                      resize_to=inception.MIN_INPUT_SIZE, workdir='')
   mesh = parallel.create_mesh()
   params = inception.random_params(0)
-  variables = sample_quality.replicate(params, mesh)
-  fn = sample_quality.make_feature_fn(mesh, FLAGS.resize_to)
+  network = networks.inception_network(params, FLAGS.resize_to)
+  variables = sample_quality.replicate(network, mesh)
+  fn = sample_quality.make_feature_fn(mesh, network.features)
   b = FLAGS.batch_size
   rng = np.random.default_rng(0)
   x = jax.device_put(rng.uniform(-1, 1, (b, 32, 32, 3)).astype(np.float32),
@@ -115,8 +117,7 @@ def main(_):
         exp.sample_batch_fn(ema, config.sample.batch_size),  # sample mode's x_T
         data_config=config.data, mesh=mesh,
         batch_size=config.sample.batch_size, num_samples=n,
-        inception_params=params, seed=config.seed, resize_to=FLAGS.resize_to,
-        kid_subsets=10,
+        network=network, seed=config.seed, kid_subsets=10, reference='eval',
         cache_dir=tempfile.mkdtemp(prefix='fid_stats_'))  # not the run's dir
     print(f'  {"EMA samples, step " + str(step):22s} FID {out["fid"]:10.4f} '
           f'IS {out["is_mean"]:.3f} KID {out["kid_mean"]:.4f} '

@@ -55,6 +55,7 @@ def get_config():
   # FID 3.17 / IS 9.46 in the paper: 50k samples against the training set.
   config.sample_quality.num_samples = 50_000
   config.sample_quality.reference = 'train'
+  config.sample_quality.network = 'inception'  # the paper's FID
   config.sample.num_images = 256
   config.sample.batch_size = 256
   config.eval.batch_size = 256  # bits/dim and the 50k FID samples

@@ -2,7 +2,7 @@
 
 Loads the sample (EMA) params of the latest checkpoint, runs the method's
 `log_likelihood` over every image of `config.data.eval_split` once, scores
-samples with FID / IS / KID when config.sample_quality.num_samples > 0, and
+samples with FD (FID) / IS / KID when config.sample_quality.num_samples > 0, and
 writes `eval/step_<step>/metrics.json` (and the method's figures).
 
 Sharding: the eval batch is `config.eval.batch_size` images (global, split
@@ -104,13 +104,15 @@ def evaluate(exp: Experiment, workdir: str, step: int | None = None) -> dict:
   split = exp.data.eval_split
   metrics = likelihood(exp, params, split) if with_likelihood else {}
   if q.num_samples:
+    cache_dir = q.cache_dir or os.path.join(workdir, 'fid_stats')
     metrics['sample_quality'] = sample_quality.compute_sample_quality(
         exp.sample_batch_fn(params, exp.eval_batch_size),
         data_config=exp.data, mesh=exp.mesh, batch_size=exp.eval_batch_size,
         num_samples=q.num_samples,
-        inception_params=sample_quality.load_inception(q.weights_path),
-        seed=exp.seed, reference=q.reference, resize_to=q.resize_to,
-        cache_dir=q.cache_dir or os.path.join(workdir, 'fid_stats'))
+        network=sample_quality.load_network(q, exp.data, cache_dir,
+                                            exp.seed),
+        seed=exp.seed, reference=q.reference, floor_seeds=q.floor_seeds,
+        cache_dir=cache_dir)
   metrics.update(split=split, step=int(step),
                  seconds=time.perf_counter() - start,
                  method=exp.method.describe(),
@@ -133,11 +135,11 @@ def _write_scalars(workdir, step, metrics):
       str(epath.Path(workdir) / 'eval'))
   scalars = {f'eval/{k}': v for k, v in metrics.items()
              if k.endswith('_bpd') and isinstance(v, float)}
-  quality = metrics.get('sample_quality') or {}
-  # Which reference (train/test split or a stats file) is in the JSON.
-  scalars.update({f'eval/{k}': quality[k] for k in ('fid', 'is_mean',
-                                                    'kid_mean')
-                  if quality.get(k) is not None})
+  if metrics.get('sample_quality'):
+    # Which reference (train/test split or a stats file) is in the JSON.
+    scalars.update({k.replace('sample_quality/', 'eval/'): v for k, v in
+                    sample_quality.scalar_summaries(
+                        metrics['sample_quality']).items()})
   writer.write_scalars(int(step), scalars)
   writer.close()
 
@@ -151,10 +153,15 @@ def _log(metrics, out_dir):
         out_dir)
   if 'sample_quality' in metrics:
     q = metrics['sample_quality']
-    logging.info('Sample quality of %d EMA samples vs the %s statistics: '
-                 'FID %.3f, IS %.3f +- %.3f, KID %s%s', q['num_samples'],
-                 q['fid_vs'], q['fid'], q['is_mean'], q['is_std'],
-                 q['kid_mean'], '' if q['comparable_to_published'] else
+    floor = (f'; real training images {q["floor_fd_mean"]:.3f} +- '
+             f'{q["floor_fd_std"]:.3f} over {q["floor_seeds"]} draws'
+             if 'floor_fd_mean' in q else '')
+    logging.info('Sample quality of %d EMA samples vs the %s statistics, %s '
+                 'features: FD %.3f%s, IS %.3f +- %.3f, KID %s%s',
+                 q['num_samples'], q['fd_vs'], q['network'], q['fd'], floor,
+                 q['is_mean'], q['is_std'], q['kid_mean'],
+                 '' if q['comparable_to_published'] or q['network'] !=
+                 'inception' else
                  ' (NOT comparable to published numbers: see the warning)')
 
 

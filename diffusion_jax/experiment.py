@@ -21,6 +21,7 @@ import ml_collections
 
 from diffusion_jax import methods, parallel
 from diffusion_jax.data import pipeline
+from diffusion_jax.metrics import networks
 from diffusion_jax.methods import Method
 from diffusion_jax.models import conv
 
@@ -46,7 +47,9 @@ class LoopSettings:
 
 @dataclasses.dataclass(frozen=True)
 class QualitySettings:
-  """config.sample_quality: FID / IS / KID of samples (metrics/)."""
+  """config.sample_quality: FD / IS / KID of samples (metrics/)."""
+  network: str  # 'classifier' | 'inception' (metrics/networks.py)
+  floor_seeds: int  # draws of real training images scored beside samples
   weights_path: str
   reference: str
   num_samples: int  # --mode=eval; 0 skips
@@ -222,6 +225,12 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None, *,
   if mode == 'eval' or (mode == 'train' and q.every_steps):
     parallel.check_batch_size(config.eval.batch_size, mesh,
                               'config.eval.batch_size')
+  if q.network not in networks.NETWORKS:
+    raise ValueError(f'config.sample_quality.network={q.network!r}: use one '
+                     f'of {", ".join(networks.NETWORKS)}')
+  if q.floor_seeds < 0:
+    raise ValueError(f'config.sample_quality.floor_seeds={q.floor_seeds} must '
+                     'be >= 0 (0: no real-vs-real floor)')
   if (q.every_steps or q.num_samples) and q.reference not in ('train', 'eval'):
     if not (q.reference.endswith('.npz') and epath.Path(q.reference).exists()):
       raise ValueError(
@@ -246,7 +255,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None, *,
           grid_num_images=config.sample_grid.num_images,
           quality_every_steps=q.every_steps,
           quality_num_samples=q.train_num_samples),
-      quality=QualitySettings(weights_path=q.weights_path,
+      quality=QualitySettings(network=q.network, floor_seeds=q.floor_seeds,
+                              weights_path=q.weights_path,
                               reference=q.reference,
                               num_samples=q.num_samples,
                               resize_to=q.resize_to, cache_dir=q.cache_dir),

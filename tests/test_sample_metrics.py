@@ -28,6 +28,7 @@ from diffusion_jax.data import sources
 from diffusion_jax.metrics import distances
 from diffusion_jax.metrics import feature_stats
 from diffusion_jax.metrics import inception
+from diffusion_jax.metrics import networks
 from diffusion_jax.metrics import sample_quality
 from tests.util import run_eval, run_train, tiny_config
 
@@ -255,7 +256,8 @@ def test_features_on_eight_devices_equal_one_device(random_inception):
   outs = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = parallel.create_mesh(devices)
-    fn = sample_quality.make_feature_fn(mesh, SMALL)
+    fn = sample_quality.make_feature_fn(
+        mesh, networks.inception_network(random_inception, SMALL).features)
     out = fn(sample_quality.replicate(random_inception, mesh),
              jax.device_put(images, parallel.batch_sharded(mesh)))
     outs.append({k: parallel.gather(v) for k, v in out.items()})
@@ -293,15 +295,16 @@ def test_compute_sample_quality_end_to_end(random_inception, tmp_path):
   sample_batch = _fixed_sample_batch(mesh, config.sample.batch_size, calls)
   kwargs = dict(data_config=config.data, mesh=mesh,
                 batch_size=config.sample.batch_size, num_samples=12,
-                inception_params=random_inception, seed=config.seed,
-                reference='eval', resize_to=SMALL, kid_subsets=5,
+                network=networks.inception_network(random_inception, SMALL),
+                seed=config.seed, reference='eval', kid_subsets=5,
                 cache_dir=str(tmp_path / 'fid_stats'))
   with pytest.warns(UserWarning, match='KID: only 12'):
     out = sample_quality.compute_sample_quality(sample_batch, **kwargs)
   assert calls == [0, 1]  # 12 samples in batches of 8
-  assert out['fid_vs'] == 'test' and out['num_samples'] == 12
+  assert out['fd_vs'] == 'test' and out['num_samples'] == 12
   assert out['reference_num_images'] == 24
-  assert out['inception_weights'] == 'random'
+  assert out['network'] == 'inception' and out['fid'] == out['fd']
+  assert out['network_source'].startswith('random')
   assert not out['comparable_to_published']
   for key in ('fid', 'is_mean', 'is_std', 'kid_mean', 'kid_std'):
     assert np.isfinite(out[key]), key
@@ -331,7 +334,7 @@ def test_compute_sample_quality_end_to_end(random_inception, tmp_path):
                          return_value=1.5) as fid:
     alt = sample_quality.compute_sample_quality(
         sample_batch, **dict(kwargs, reference=published))
-  assert alt['fid_vs'] == published and alt['kid_mean'] is None
+  assert alt['fd_vs'] == published and alt['kid_mean'] is None
   assert alt['fid'] == 1.5 and fid.call_args.kwargs['sqrt_sigma1'] is None
   np.testing.assert_array_equal(fid.call_args.args[0], ref['mu'])
 
@@ -400,13 +403,14 @@ def test_eval_mode_reports_fid_is_kid_and_says_against_what(tmp_path):
   config = tiny_config(**{
       'data.source': 'npz', 'data.data_dir': str(tmp_path / 'data.npz'),
       'sample_quality.num_samples': 8, 'sample_quality.resize_to': SMALL,
-      'sample_quality.reference': 'eval'})
+      'sample_quality.reference': 'eval', 'sample_quality.floor_seeds': 0,
+      'sample_quality.network': 'inception'})
   write_checkpoint(config, str(tmp_path), 2)
   with pytest.warns(UserWarning):
     metrics = run_eval(config, str(tmp_path))
   quality = metrics['sample_quality']
-  assert quality['fid_vs'] == 'test' and quality['num_samples'] == 8
-  assert quality['inception_weights'] == 'random'
+  assert quality['fd_vs'] == 'test' and quality['num_samples'] == 8
+  assert quality['network_source'].startswith('random')
   assert np.isfinite(quality['fid']) and quality['fid'] > 0
   with open(tmp_path / 'eval' / 'step_00000002' / 'metrics.json') as f:
     assert json.load(f)['sample_quality']['fid'] == quality['fid']
@@ -419,20 +423,22 @@ def test_periodic_fid_during_training_goes_to_tensorboard(tmp_path):
   calls = []
 
   def fake(sample_batch, **kwargs):
-    calls.append((kwargs['num_samples'], kwargs['resize_to'],
+    calls.append((kwargs['num_samples'], kwargs['network'],
                   callable(sample_batch)))
-    return {'fid': 3.0, 'is_mean': 1.5, 'kid_mean': None, 'fid_vs': 'train',
-            'num_samples': kwargs['num_samples'],
+    return {'fd': 3.0, 'is_mean': 1.5, 'kid_mean': None, 'fd_vs': 'train',
+            'num_samples': kwargs['num_samples'], 'network': 'classifier',
             'comparable_to_published': False}
 
+  network = mock.Mock(kind='classifier')
   config = tiny_config(**{'sample_quality.every_steps': 2,
                           'sample_quality.train_num_samples': 8,
                           'sample_quality.resize_to': SMALL})
   with mock.patch.object(sample_quality, 'compute_sample_quality', fake), \
-       mock.patch.object(sample_quality, 'load_inception',
-                         return_value='inception'):
+       mock.patch.object(sample_quality, 'load_network',
+                         return_value=network):
     run_train(config, str(tmp_path))
-  assert [c[:2] for c in calls] == [(8, SMALL), (8, SMALL)]  # steps 2 and 4
+  # steps 2 and 4
+  assert [c[:2] for c in calls] == [(8, network), (8, network)]
 
 
 def test_sliced_wasserstein_against_scipy_and_its_limits():

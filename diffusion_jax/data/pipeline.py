@@ -189,23 +189,27 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int,
 def create_eval_iterator(data_config, split: str, *, global_batch_size: int,
                          sharding: Optional[jax.sharding.NamedSharding],
                          process_index: Optional[int] = None,
-                         process_count: Optional[int] = None
+                         process_count: Optional[int] = None,
+                         indices: Optional[np.ndarray] = None
                          ) -> BatchIterator:
   """One ordered pass: {'images', 'mask'}; mask is 0 on the padded tail.
 
   Batch k holds examples [k*B, (k+1)*B) (zeros past the end), laid out over
   processes like the train batches, so every example appears exactly once.
+  `indices` restricts the pass to those rows of the split (in that order).
   """
   p, n = _processes(process_index, process_count)
   local_batch_size = _local_batch_size(global_batch_size, sharding, n)
   source = sources.open_split(data_config, split)
-  num = len(source)
+  order = np.arange(len(source)) if indices is None else np.asarray(indices)
+  num = len(order)
   blank = np.zeros_like(source[0])
 
   def make_batch(step):
     rows = step * global_batch_size + p * local_batch_size + np.arange(
         local_batch_size)
-    images = np.stack([source[i] if i < num else blank for i in rows])
+    images = np.stack([source[order[i]] if i < num else blank
+                       for i in rows])
     local = dict(images=_to_model_range(images),
                  mask=(rows < num).astype(np.float32))
     return jax.tree.map(
