@@ -1,6 +1,7 @@
 r"""Per-op time of our compiled train step (or forward), from a JAX trace.
 
   .venv/bin/python benchmarks/profile_step.py --batch_size=8 --steps=3 \
+      [--config=configs/cifar10_ddpm.py] \
       [--weight_grad=auto] [--ynn_conv=off] [--forward] [--top=30]
 
 Runs a few steps under jax.profiler, reads the trace back with
@@ -27,15 +28,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags
+from ml_collections import config_flags
 import jax
 import jax.numpy as jnp
 
 from benchmarks import common
-from configs import cifar10_ddpm
 from diffusion_jax import host_malloc, parallel
 from diffusion_jax.models import conv
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
+config_flags.DEFINE_config_file('config', 'configs/cifar10_ddpm.py',
+                                'Config whose model and step are profiled.')
 flags.DEFINE_integer('batch_size', 8, 'Batch size.')
 flags.DEFINE_integer('steps', 3, 'Profiled steps (after 2 warm-up steps).')
 flags.DEFINE_string('weight_grad', 'auto', 'conv.WEIGHT_GRAD.')
@@ -84,7 +87,7 @@ def main(_):
   common.apply_smoke(batch_size=2, steps=1, top=5)
   if FLAGS.cpu_big_heap and jax.default_backend() == 'cpu':
     host_malloc.keep_large_buffers()
-  config = cifar10_ddpm.get_config()
+  config = FLAGS.config
   if FLAGS.smoke:
     common.smoke_model(config)
   conv.WEIGHT_GRAD = FLAGS.weight_grad

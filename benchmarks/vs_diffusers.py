@@ -1,6 +1,13 @@
-r"""Our paper U-Net vs diffusers' UNet2DModel + torch Adam, on this machine.
+r"""Our U-Net vs diffusers' UNet2DModel + torch Adam, on this machine.
 
   .venv/bin/python benchmarks/vs_diffusers.py --batch_sizes=8,32 --reps=5
+  .venv/bin/python benchmarks/vs_diffusers.py --model=default \
+      --batch_sizes=64,128 --step_ynn_conv=on,off
+
+--model=paper: the DDPM paper's CIFAR-10 U-Net (configs/cifar10_ddpm.py);
+--model=default: the main job's small digits U-Net (configs/default.py);
+diffusers gets the UNet2DModel of the same architecture and parameter count
+(checked before timing).
 
 Needs torch and diffusers (requirements-convert.txt; benchmark-only). The
 machine may be shared, so every figure is measured alternately in one process
@@ -52,12 +59,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from configs import cifar10_ddpm
+from configs import cifar10_ddpm, default
 from diffusion_jax import experiment, host_malloc, parallel
 from diffusion_jax.diffusion import denoiser, samplers, schedules
 from diffusion_jax.models import conv
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
+flags.DEFINE_enum('model', 'paper', ['paper', 'default'],
+                  'paper: the CIFAR-10 U-Net; default: the digits U-Net.')
 flags.DEFINE_list('batch_sizes', ['8', '32'], 'Batch sizes.')
 flags.DEFINE_integer('reps', 5, 'Timed repetitions of each candidate.')
 flags.DEFINE_list('weight_grad', ['auto'],
@@ -97,6 +106,15 @@ CIFAR10_UNET = dict(
     norm_num_groups=32, out_channels=3, sample_size=32,
     time_embedding_type='positional',
     up_block_types=['UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'])
+# configs/default.py's U-Net: ch 32, ch_mult (1, 2), attention at 4x4, 8
+# groups, one 8x8 grey channel.
+DIGITS_UNET = dict(
+    CIFAR10_UNET, block_out_channels=[32, 64], in_channels=1, out_channels=1,
+    norm_num_groups=8, sample_size=8,
+    down_block_types=['DownBlock2D', 'AttnDownBlock2D'],
+    up_block_types=['AttnUpBlock2D', 'UpBlock2D'])
+MODELS = {'paper': (cifar10_ddpm, CIFAR10_UNET),
+          'default': (default, DIGITS_UNET)}
 # --smoke: the shape of common.SMOKE_MODEL.
 SMOKE_UNET = dict(CIFAR10_UNET, block_out_channels=[16], layers_per_block=1,
                   norm_num_groups=4, down_block_types=['DownBlock2D'],
@@ -213,7 +231,7 @@ class Ours:
 
   def sampler(self, num_steps, ynn):
     """T = num_steps ancestral steps in one jit (same loop body as T=1000)."""
-    config = cifar10_ddpm.get_config()
+    config = cifar10_ddpm.get_config()  # the same diffusion for both models
     config.diffusion.num_timesteps = num_steps
     schedule = schedules.schedule_from_config(config.diffusion)
     denoise_fn_of = lambda p: denoiser.make_denoiser(
@@ -233,13 +251,17 @@ class Ours:
 class Theirs:
   """diffusers UNet2DModel + torch Adam, as diffusers' training example."""
 
-  def __init__(self, b):
+  def __init__(self, b, unet_config, num_params):
     import diffusers  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
     self.torch = torch
     torch.manual_seed(0)
-    self.model = diffusers.UNet2DModel(
-        **(SMOKE_UNET if FLAGS.smoke else CIFAR10_UNET), dropout=0.1)
+    self.model = diffusers.UNet2DModel(**unet_config, dropout=0.1)
+    theirs = sum(p.numel() for p in self.model.parameters())
+    if theirs != num_params:
+      raise AssertionError(f'diffusers UNet2DModel has {theirs:,} '
+                           f'parameters, ours {num_params:,}: not the same '
+                           'model')
     self.params = [p for p in self.model.parameters()]
     self.ema = [p.detach().clone() for p in self.params]
     self.opt = torch.optim.Adam(self.params, lr=2e-4, foreach=True)
@@ -247,7 +269,8 @@ class Theirs:
     abar = torch.cumprod(1 - betas, 0)
     self.sqrt_abar = abar.sqrt().float()
     self.sqrt_1m_abar = (1 - abar).sqrt().float()
-    self.images = torch.rand(b, 3, 32, 32) * 2 - 1
+    size, channels = unet_config['sample_size'], unet_config['in_channels']
+    self.images = torch.rand(b, channels, size, size) * 2 - 1
     self.b = b
 
   def step(self):
@@ -292,21 +315,26 @@ def main(_):
     import torch  # pylint: disable=g-import-not-at-top
     versions += (f', torch {torch.__version__} ({torch.get_num_threads()} '
                  f'threads, OMP_WAIT_POLICY={os.environ["OMP_WAIT_POLICY"]})')
-  print(f'{jax.device_count()} x {jax.devices()[0].platform}, '
+  print(f'CPU: {common.cpu_model()}; {jax.device_count()} x '
+        f'{jax.devices()[0].platform}, '
         f'{os.cpu_count()} CPUs, {versions}, malloc={FLAGS.malloc}, '
         f'load {common.load()}')
   sizes = (64, 128) if FLAGS.smoke else (2048, 4096)
   peaks = matmul_peaks(3, sizes) if 'peaks' in FLAGS.what else {}
   print('peaks (GFLOP/s): ' + ', '.join(f'{k} {v / 1e9:.0f}'
                                         for k, v in peaks.items()))
-  config = cifar10_ddpm.get_config()
+  config_module, unet_config = MODELS[FLAGS.model]
+  config = config_module.get_config()
   if FLAGS.smoke:
     common.smoke_model(config)
-  report = dict(peaks=peaks, batches={})
+    unet_config = SMOKE_UNET
+  report = dict(model=FLAGS.model, peaks=peaks, batches={})
   for b in map(int, FLAGS.batch_sizes):
     print(f'\n== batch {b} ==')
     ours = Ours(config, b)
-    theirs = Theirs(b) if FLAGS.torch else None
+    num_params = sum(x.size for x in jax.tree.leaves(ours.state.params))
+    print(f'  {FLAGS.model} U-Net: {num_params:,} parameters')
+    theirs = Theirs(b, unet_config, num_params) if FLAGS.torch else None
     flops = ours.flops['xla,ynn_conv=on']
     print(f'  model FLOPs (XLA cost analysis, XLA convs): '
           f'{flops / b / 1e9:.1f} GFLOP/image train step, '

@@ -63,6 +63,15 @@ NO_YNN_CONV = {
 INFERENCE_YNN_CONV = False
 
 
+def train_compiler_options(ynn_conv: bool) -> dict:
+  """compiler_options for the train step: config.cpu.train_ynn_conv picks
+  YNNPACK's convolutions or XLA's own per model (measured per model:
+  BENCHMARKS.md, issue 13); nothing off the CPU."""
+  if ynn_conv or jax.default_backend() != 'cpu':
+    return {}
+  return dict(NO_YNN_CONV)
+
+
 def inference_compiler_options() -> dict:
   """compiler_options for the jit of a forward-only program (see above)."""
   if INFERENCE_YNN_CONV or jax.default_backend() != 'cpu':
