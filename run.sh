@@ -37,6 +37,7 @@ case "$cmd" in
       --workdir="$workdir" "$@"
     echo
     echo "Done. Outputs in $workdir:"
+    echo "  run report:       $workdir/report.html (open it in a browser)"
     echo "  EMA sample grid:  $(ls -1 "$workdir"/samples/*.png 2>/dev/null | tail -1)"
     echo "  checkpoints:      $workdir/checkpoints"
     echo "  TensorBoard logs: tensorboard --logdir $workdir"

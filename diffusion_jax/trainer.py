@@ -22,7 +22,8 @@ import numpy as np
 import optax
 import tqdm
 
-from diffusion_jax import checkpointing, experiment, parallel, visualization
+from diffusion_jax import checkpointing, experiment, parallel, report
+from diffusion_jax import visualization
 from diffusion_jax.experiment import GRID_STREAM, Experiment
 from diffusion_jax.metrics import sample_quality
 from diffusion_jax.preemption import PreemptionGuard
@@ -74,27 +75,34 @@ def _write_grid(exp: Experiment, workdir, writer, step, sample_fn, params,
     path = visualization.save_png(
         os.path.join(workdir, 'samples', f'ema_step_{step:08d}.png'), grid)
     logging.info('EMA samples at step %d: %s', step, path)
-  writer.write_images(step, {'ema_samples': grid[None]})
+  # Upscaled like the PNG: TensorBoard's slider then shows learning.
+  writer.write_images(step, {'ema_samples': visualization.upscale(grid)[None]})
 
 
 def _write_sample_quality(exp: Experiment, workdir, writer, step, params,
-                          inception_params, sample_fn):
-  """Periodic FID / IS / KID of EMA samples to TensorBoard."""
+                          network, sample_fn):
+  """Periodic FD / IS / KID of EMA samples (and the real floor) to
+  TensorBoard."""
   q = exp.quality
   quality = sample_quality.compute_sample_quality(
       exp.sample_batch_fn(params, exp.eval_batch_size, sample_fn),
       data_config=exp.data, mesh=exp.mesh, batch_size=exp.eval_batch_size,
-      num_samples=exp.loop.quality_num_samples,
-      inception_params=inception_params, seed=exp.seed, reference=q.reference,
-      resize_to=q.resize_to,
-      cache_dir=q.cache_dir or os.path.join(workdir, 'fid_stats'))
-  writer.write_scalars(step, {f'sample_quality/{k}': quality[k]
-                              for k in ('fid', 'is_mean', 'kid_mean')
-                              if quality.get(k) is not None})
-  logging.info('Step %d: FID %.3f vs %s statistics over %d EMA samples%s',
-               step, quality['fid'], quality['fid_vs'], quality['num_samples'],
+      num_samples=exp.loop.quality_num_samples, network=network,
+      seed=exp.seed, reference=q.reference, floor_seeds=q.floor_seeds,
+      cache_dir=_quality_cache(exp, workdir))
+  writer.write_scalars(step, sample_quality.scalar_summaries(quality))
+  floor = (f' (real images: {quality["floor_fd_mean"]:.3f} +- '
+           f'{quality["floor_fd_std"]:.3f})' if 'floor_fd_mean' in quality
+           else '')
+  logging.info('Step %d: %s FD %.3f%s vs %s over %d EMA samples%s', step,
+               network.kind, quality['fd'], floor, quality['fd_vs'],
+               quality['num_samples'],
                '' if quality['comparable_to_published'] else
                ' (not comparable to published numbers)')
+
+
+def _quality_cache(exp: Experiment, workdir) -> str:
+  return exp.quality.cache_dir or os.path.join(workdir, 'fid_stats')
 
 
 def _restore_or_init(exp: Experiment, checkpointer, train_iter, latest):
@@ -145,13 +153,15 @@ def train_and_evaluate(exp: Experiment, workdir: str):
                         'num_devices': int(mesh.devices.size)})
 
   train_step = exp.jit_train_step()
-  sample_fn = grid_noise = inception_params = None
+  sample_fn = grid_noise = network = None
   if loop.grid_every_steps or loop.quality_every_steps:
     sample_fn = exp.jit_sample_fn()
   if loop.grid_every_steps:
     grid_noise = exp.sample_noise(loop.grid_num_images, GRID_STREAM)
   if loop.quality_every_steps:
-    inception_params = sample_quality.load_inception(exp.quality.weights_path)
+    network = sample_quality.load_network(exp.quality, exp.data,
+                                          _quality_cache(exp, workdir),
+                                          exp.seed)
 
   num_steps = loop.num_train_steps
   report = periodic_actions.ReportProgress(num_train_steps=num_steps,
@@ -218,10 +228,9 @@ def train_and_evaluate(exp: Experiment, workdir: str):
             done % loop.grid_every_steps == 0 or is_last):
           _write_grid(exp, workdir, writer, done, sample_fn,
                       method.sample_params(state), grid_noise)
-        if inception_params and (done % loop.quality_every_steps == 0
-                                 or is_last):
+        if network and (done % loop.quality_every_steps == 0 or is_last):
           _write_sample_quality(exp, workdir, writer, done,
-                                method.sample_params(state), inception_params,
+                                method.sample_params(state), network,
                                 sample_fn)
     finally:
       # Join the prefetch thread: a daemon thread still inside XLA when the
@@ -240,8 +249,20 @@ def train_and_evaluate(exp: Experiment, workdir: str):
     logging.info('Finished at step %d. Checkpoints: %s; samples: %s; '
                  'TensorBoard logs: %s', step, checkpointer.directory,
                  os.path.join(workdir, 'samples'), workdir)
+    if jax.process_index() == 0:
+      _write_report(workdir)
   checkpointer.close()
   return state
+
+
+def _write_report(workdir):
+  """report.html; a finished run never fails because its report did."""
+  try:
+    logging.info('Run report: %s', report.write_report(workdir))
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('Could not write %s/report.html (%s: %s); the run itself '
+                    'is complete. Retry with python -m diffusion_jax.report '
+                    '%s', workdir, type(e).__name__, e, workdir)
 
 
 def _hms(seconds: float) -> str:

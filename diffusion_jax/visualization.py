@@ -28,12 +28,18 @@ def make_grid(images: np.ndarray, ncols: int | None = None,
   return grid
 
 
-def save_png(path: str, grid: np.ndarray, min_size: int = 256) -> str:
-  """Writes a grid, upscaled with nearest neighbours to at least min_size px
-  so that 8x8 digits are visible."""
+def upscale(grid: np.ndarray, min_size: int = 256) -> np.ndarray:
+  """Nearest-neighbour upscaling by an integer factor to >= min_size px on
+  the long side, so that 8x8 digits are visible (pixels stay sharp)."""
   scale = max(1, math.ceil(min_size / max(grid.shape[:2])))
   if scale > 1:
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+  return grid
+
+
+def save_png(path: str, grid: np.ndarray, min_size: int = 256) -> str:
+  """Writes a grid, upscaled to at least min_size px (`upscale`)."""
+  grid = upscale(grid, min_size)
   path = epath.Path(path)  # Local or gs:// (a workdir on a TPU pod).
   path.parent.mkdir(parents=True, exist_ok=True)
   with path.open('wb') as f:
