@@ -51,6 +51,31 @@ def experiment_state_and_images(config, batch_size: int, mesh):
   return exp, state, images
 
 
+def classifier_scorer(data_config, cache_dir: str, batch_size: int = 100):
+  """(score, network): score(images uint8 (N, H, W, C), floor_seeds=0) ->
+  {fd, kid_mean, is_mean (, floor_fd_mean, floor_fd_std, floor_kid_mean)}
+  against the eval split, in the features of the data set's own classifier
+  (diffusion_jax/metrics/classifier.py), on one device."""
+  from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.metrics import classifier, sample_quality  # pylint: disable=g-import-not-at-top
+  network = classifier.load_or_train(data_config, cache_dir=cache_dir)
+  mesh = parallel.create_mesh(jax.devices()[:1])
+
+  def score(images: np.ndarray, floor_seeds: int = 0) -> dict:
+    n = len(images)
+    x = np.concatenate([images, np.zeros_like(images[:-n % batch_size])])
+    x = x.astype(np.float32) / 127.5 - 1.0
+    out = sample_quality.compute_sample_quality(
+        lambda i: jax.device_put(x[i * batch_size:(i + 1) * batch_size]),
+        data_config=data_config, mesh=mesh, batch_size=batch_size,
+        num_samples=n, network=network, reference='eval',
+        cache_dir=cache_dir, floor_seeds=floor_seeds, kid_subsets=50)
+    return {k: out[k] for k in ('fd', 'kid_mean', 'is_mean', 'floor_fd_mean',
+                                'floor_fd_std', 'floor_kid_mean') if k in out}
+
+  return score, network
+
+
 def define_smoke_flags() -> None:
   """--smoke and --json_out, for the absl scripts (see apply_smoke)."""
   flags.DEFINE_bool('smoke', False, 'Tiny sizes, to check that the script '
@@ -87,6 +112,19 @@ class SelfTimed:
   that no other return value (vs_diffusers' diffusers step returns its loss,
   a float) is taken for a time."""
   seconds: float
+
+
+def cpu_model() -> str:
+  """The CPU's model name (lscpu's), printed beside every figure: kernels
+  and ratios differ between machines."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return 'unknown CPU'
 
 
 def load() -> str:

@@ -6,12 +6,13 @@ r"""Objective x sampler x steps on the embedded digits at a fixed CPU budget.
 Each objective trains its digits config (configs/digits_*.py; the default
 config for plain DDPM) for the same number of steps with the trainer
 (train.train_and_evaluate), then every listed sampler draws 300 images from
-the EMA params. Printed per row: sliced Wasserstein-1 distance and RBF-MMD^2
-(median-heuristic bandwidth) to the 300-image test split in pixel space,
-next to the same figures for 300 training images ("data vs data", the
-floor), and the sampling time of the 300 images. FID's Inception features
-mean little on 8x8 digits (and no Inception weights ship here), hence pixel
-space distances. `--smoke` (tests/test_benchmarks.py): a tiny U-Net, 2
+the EMA params. Printed per row: the Frechet distance (FD) in the features
+of the digits' own classifier (diffusion_jax/metrics/classifier.py), sliced
+Wasserstein-1 distance and RBF-MMD^2 (median-heuristic bandwidth) in pixel
+space, all to the 300-image test split, next to the same figures for 300
+training images ("data vs data", the floor; FD over 3 draws), and the
+sampling time of the 300 images. FID's Inception features mean little on
+8x8 digits (and no Inception weights ship here). `--smoke` (tests/test_benchmarks.py): a tiny U-Net, 2
 steps, samplers cut to 2 steps, ddpm_eps only unless --only says otherwise.
 """
 
@@ -28,6 +29,7 @@ import numpy as np
 
 from benchmarks import common
 from diffusion_jax import checkpointing, experiment, parallel, trainer
+from diffusion_jax import visualization
 from diffusion_jax.data import sources
 from diffusion_jax.metrics import distances
 
@@ -70,6 +72,7 @@ def load_config(module: str, overrides: dict, steps: int):
   config.num_train_steps = steps
   config.sample_grid.every_steps = steps
   config.checkpoint_every_steps = steps
+  config.sample_quality.every_steps = 0  # scored here, after training
   config.update_from_flattened_dict(overrides)
   if FLAGS.smoke:
     common.smoke_model(config)
@@ -106,7 +109,7 @@ def data_floor(config) -> tuple[np.ndarray, dict]:
   return as_float(test), scores(as_float(train_images[pick]), as_float(test))
 
 
-def run(names, steps: int, workdir: str):
+def run(names, steps: int, workdir: str, fd_score):
   mesh = parallel.create_mesh()
   rows = []
   for name in names:
@@ -127,6 +130,7 @@ def run(names, steps: int, workdir: str):
       reference, _ = data_floor(config)
       rows.append(dict(objective=name, sampler=sampler, num_steps=num_steps,
                        extra=extra, train_s=train_s, sample_s=sample_s,
+                       fd=fd_score(visualization.to_uint8(images))['fd'],
                        **scores(to_pixels(images), reference)))
       logging.info('%s', rows[-1])
   return rows
@@ -136,19 +140,27 @@ def main(_):
   common.apply_smoke(steps=2, only='ddpm_eps',
                      workdir='/tmp/objectives_digits_smoke')
   names = FLAGS.only.split(',') if FLAGS.only else list(OBJECTIVES)
-  rows = run(names, FLAGS.steps, FLAGS.workdir)
+  data = load_config('default', {}, FLAGS.steps).data
+  fd_score, _ = common.classifier_scorer(
+      data, os.path.join(FLAGS.workdir, 'classifier'))
+  rows = run(names, FLAGS.steps, FLAGS.workdir, fd_score)
   _, floor = data_floor(load_config('default', {}, FLAGS.steps))
+  fd_floor = fd_score(sources.load_split(data, 'train').images[:NUM],
+                      floor_seeds=3)
+  floor.update(fd=fd_floor['floor_fd_mean'], fd_std=fd_floor['floor_fd_std'])
   print(f'# jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform}'
         f' device(s), load {os.getloadavg()[0]:.1f}; {FLAGS.steps} training '
         f'steps per objective, {NUM} samples vs the {NUM}-image test split')
-  print('| objective | sampler | steps | SWD | MMD^2 | sampling s (300 images) |')
-  print('|---|---|---|---|---|---|')
-  print(f"| data: 300 train images | - | - | {floor['swd']:.4f} | "
-        f"{floor['mmd']:.5f} | - |")
+  print('| objective | sampler | steps | classifier FD | SWD | MMD^2 | '
+        'sampling s (300 images) |')
+  print('|---|---|---|---|---|---|---|')
+  print(f"| data: 300 train images | - | - | {floor['fd']:.2f} +- "
+        f"{floor['fd_std']:.2f} | {floor['swd']:.4f} | {floor['mmd']:.5f} | - |")
   for r in rows:
     extra = ''.join(f', {k}={v}' for k, v in r['extra'].items())
     print(f"| {r['objective']} | {r['sampler']}{extra} | {r['num_steps']} | "
-          f"{r['swd']:.4f} | {r['mmd']:.5f} | {r['sample_s']:.1f} |")
+          f"{r['fd']:.2f} | {r['swd']:.4f} | {r['mmd']:.5f} | "
+          f"{r['sample_s']:.1f} |")
   print('# training seconds: ' + ', '.join(
       f"{name} {next(r['train_s'] for r in rows if r['objective'] == name):.0f}"
       for name in names))

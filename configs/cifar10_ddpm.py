@@ -44,6 +44,7 @@ def get_config():
   config.optim.warmup_steps = 5000
   config.optim.grad_clip_norm = 1.0
   config.optim.ema_decay = 0.9999
+  config.optim.ema_warmup = False  # the paper's EMA: a constant decay
 
   config.batch_size = 128
   config.num_train_steps = 800_000
@@ -56,6 +57,13 @@ def get_config():
   config.sample_quality.num_samples = 50_000
   config.sample_quality.reference = 'train'
   config.sample_quality.network = 'inception'  # the paper's FID
+  config.sample_quality.every_steps = 0  # 50k-sample FIDs: --mode=eval
+  config.sample_quality.train_num_samples = 5_000
+  # XLA:CPU: YNNPACK's convolutions train this U-Net 1.4-1.8x faster.
+  config.cpu.train_ynn_conv = True
+  # The paper's sampler: 1,000 ancestral steps, sigma_t^2 = beta_t.
+  config.sample.sampler = 'ddpm'
+  config.sample.num_steps = 0
   config.sample.num_images = 256
   config.sample.batch_size = 256
   config.eval.batch_size = 256  # bits/dim and the 50k FID samples

@@ -39,6 +39,7 @@ SMOKE = {
     'fid_features': ([], True),
     'objectives_digits': ([], True),
     'scaling': ([], True),
+    'first_run': ([] if HAVE_TORCH else ['--no-diffusers'], True),
     # --malloc=ab: every candidate through with_malloc_variants (SelfTimed).
     'vs_diffusers': (['--malloc=ab'] + ([] if HAVE_TORCH else ['--notorch']),
                      True),
@@ -81,6 +82,19 @@ def run_smoke(name, tmp_path, compile_cache) -> dict:
     pytest.fail(f'{" ".join(cmd)} exited with {proc.returncode}:\n'
                 f'{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}', pytrace=False)
   return json.loads(out.read_text())
+
+
+def check_first_run(report):
+  floor = report['floor']
+  positive(floor['floor_fd_mean'], floor['floor_fd_std'] + 1)
+  assert report['num_samples'] == 16 and report['cpu']
+  ours = report['runs']['main job']
+  positive(ours['train_s'], ours['sample_s_per_set'], ours['fd_mean'])
+  assert ours['train_steps'] == 20
+  if HAVE_TORCH:
+    theirs = report['runs']['diffusers tutorial']
+    assert theirs['num_params'] == 3_990_017 and theirs['train_steps'] > 0
+    positive(theirs['train_s'], theirs['fd_mean'])
 
 
 def check_conv_grad(report):
@@ -148,6 +162,10 @@ def check_toy2d(report):
 def check_objectives_digits(report):
   assert report['objectives'] == ['ddpm_eps']  # 4 samplers
   check_samples_table(report, 4)
+  # The digits classifier's FD: 2-step samples of a 2-step model are far
+  # from the test split, real training digits near it.
+  positive(report['floor']['fd'], *[r['fd'] for r in report['rows']])
+  assert all(r['fd'] > report['floor']['fd'] for r in report['rows'])
 
 
 def check_fid_features(report):

@@ -13,7 +13,9 @@ TINY = ['--config.model.ch=16', '--config.model.ch_mult=(1,2)',
         '--config.batch_size=16', '--config.num_train_steps=3',
         '--config.checkpoint_every_steps=2', '--config.log_every_steps=1',
         '--config.sample_grid.every_steps=3', '--config.sample_grid.num_images=8',
-        '--config.sample.num_images=8', '--config.sample.batch_size=8']
+        '--config.sample.num_images=8', '--config.sample.batch_size=8',
+        '--config.sample.num_steps=0', '--config.eval.batch_size=8',
+        '--config.sample_quality.every_steps=0']
 
 
 def run(*args, timeout=300):

@@ -32,7 +32,8 @@ ARGS = ['--config.model.ch=8', '--config.model.ch_mult=(1,)',
         '--config.diffusion.num_timesteps=10',
         '--config.batch_size=16', f'--config.num_train_steps={STEPS}',
         '--config.checkpoint_every_steps=20', '--config.log_every_steps=1',
-        '--config.sample_grid.every_steps=0']
+        '--config.sample_grid.every_steps=0',
+        '--config.sample_quality.every_steps=0']
 _LOGGED_STEP = re.compile(r'logging_writer\.py:\d+\] \[(\d+)\] ')
 TMP = 'orbax-checkpoint-tmp'
 

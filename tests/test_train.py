@@ -29,6 +29,7 @@ def test_paper_config_carries_every_paper_hyperparameter():
   assert (c.batch_size, c.num_train_steps) == (128, 800_000)
   assert (c.optim.learning_rate, c.optim.warmup_steps) == (2e-4, 5000)
   assert (c.optim.grad_clip_norm, c.optim.ema_decay) == (1.0, 0.9999)
+  assert not c.optim.ema_warmup  # the paper's EMA has a constant decay
   assert c.model.dropout == 0.1 and c.data.random_flip
   assert (c.diffusion.num_timesteps, c.diffusion.beta_schedule) == (1000, 'linear')
   assert (c.diffusion.beta_start, c.diffusion.beta_end) == (1e-4, 0.02)
@@ -88,6 +89,36 @@ def test_eight_devices_match_one_device():
                     parallel.create_mesh(), images)[0]
   assert not np.allclose(init8.params['conv_in']['kernel'],
                          s8.params['conv_in']['kernel'])
+
+
+def test_ema_warmup_is_tfs_num_updates_schedule():
+  """decay_n = min(decay, (1 + n) / (10 + n)): after two steps from init
+  p0 -> p1 -> p2, ema = d1 (d0 p0 + (1 - d0) p1) + (1 - d1) p2."""
+  images = np.random.default_rng(0).uniform(-1, 1, (16, 8, 8, 1)).astype(
+      np.float32)
+  mesh = parallel.create_mesh(jax.devices()[:1])
+  config = tiny_config(**{'optim.warmup_steps': 0, 'model.dropout': 0.0})
+  exp = experiment.build(config, mesh)
+  assert exp.method.ema_warmup
+  decays = [float(exp.method._ema_decay_at(jnp.asarray(n)))  # pylint: disable=protected-access
+            for n in (0, 1, 90, 10_000)]
+  np.testing.assert_allclose(decays, [0.1, 2 / 11, 91 / 100, 0.995],
+                             rtol=1e-6)
+  init = jax.device_get(exp.init_state(jax.random.key(0)).params)
+  step = exp.jit_train_step()
+  state = exp.init_state(jax.random.key(0))
+  x = jax.device_put(images, parallel.batch_sharded(mesh))
+  state, _ = step(state, x)
+  p1 = jax.device_get(state.params)
+  state, _ = step(state, x)
+  p2, ema = jax.device_get((state.params, state.ema_params))
+  want = jax.tree.map(lambda a, b, c: (2 / 11) * (0.1 * a + 0.9 * b) +
+                      (9 / 11) * c, init, p1, p2)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6),
+               ema, want)
+  constant = experiment.build(tiny_config(**{'optim.ema_warmup': False}),
+                              mesh).method
+  assert float(constant._ema_decay_at(jnp.asarray(0))) == 0.995  # pylint: disable=protected-access
 
 
 # Improved DDPM with importance sampling (its loss history lives in the
@@ -179,10 +210,30 @@ def test_sample_mode_without_checkpoint_says_train_first(tmp_path):
     run_sample(tiny_config(), str(tmp_path))
 
 
-def test_periodic_samples_are_written_as_png(tmp_path):
-  config = tiny_config(**{'sample_grid.every_steps': 2, 'num_train_steps': 2})
+def test_periodic_samples_are_upscaled_pngs_tensorboard_images_and_a_report(
+    tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  config = tiny_config(**{'sample_grid.every_steps': 2})
   run_train(config, str(tmp_path))
-  assert os.listdir(tmp_path / 'samples') == ['ema_step_00000002.png']
+  assert sorted(os.listdir(tmp_path / 'samples')) == [
+      'ema_step_00000002.png', 'ema_step_00000004.png']
+  # 8 digits of 8x8 in a 3x3 grid with 1-px gaps: 28 px, upscaled by 10
+  # with nearest neighbours (every pixel a 10x10 block).
+  png = np.asarray(Image.open(tmp_path / 'samples' / 'ema_step_00000004.png'))
+  assert png.shape == (280, 280)
+  np.testing.assert_array_equal(png, np.kron(png[::10, ::10],
+                                             np.ones((10, 10), np.uint8)))
+  events = event_accumulator.EventAccumulator(
+      str(tmp_path), size_guidance={'tensors': 0})
+  events.Reload()
+  images = events.Tensors('ema_samples')
+  assert [e.step for e in images] == [2, 4]  # TensorBoard's slider
+  # The summary holds (width, height, PNG bytes).
+  assert [int(v) for v in images[-1].tensor_proto.string_val[:2]] == [280, 280]
+  with open(tmp_path / 'report.html') as f:
+    page = f.read()
+  assert 'ema_step_00000004' in page or 'step 4' in page
 
 
 # ---------------------------------------------------------------- bad input --

@@ -20,7 +20,10 @@ def tiny_config(**overrides):
   config.sample_grid.num_images = 8
   config.sample.num_images = 12
   config.sample.batch_size = 8
+  config.sample.sampler = 'ddpm'  # all T = 20 ancestral steps
+  config.sample.num_steps = 0
   config.eval.batch_size = 8
+  config.sample_quality.every_steps = 0
   config.optim.warmup_steps = 2
   config.data.prefetch = 0
   config.update_from_flattened_dict(overrides)  # dotted keys, type-checked

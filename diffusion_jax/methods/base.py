@@ -123,12 +123,23 @@ class OneOptimizerMethod(Method):
 
   def __init__(self, *, optimizer: optax.GradientTransformation,
                learning_rate_fn, ema_decay: float, seed: int,
-               grad_accum_steps: int = 1):
+               grad_accum_steps: int = 1, ema_warmup: bool = False):
     self.optimizer = optimizer
     self.learning_rate_fn = learning_rate_fn
     self.ema_decay = ema_decay
+    self.ema_warmup = ema_warmup
     self.seed = seed
     self.grad_accum_steps = grad_accum_steps
+
+  def _ema_decay_at(self, step):
+    """With ema_warmup, min(decay, (1 + n) / (10 + n)) at update n (TF's
+    ExponentialMovingAverage with num_updates; diffusers' EMAModel): early
+    weights are forgotten quickly, so a short run's EMA is not dragged back
+    to its first steps."""
+    if not self.ema_warmup:
+      return self.ema_decay
+    n = step.astype(jnp.float32)
+    return jnp.minimum(self.ema_decay, (1.0 + n) / (10.0 + n))
 
   @abc.abstractmethod
   def init_params(self, rng: jax.Array) -> Any:
@@ -188,7 +199,8 @@ class OneOptimizerMethod(Method):
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state,
-        ema_params=ema_update(state.ema_params, params, self.ema_decay),
+        ema_params=ema_update(state.ema_params, params,
+                              self._ema_decay_at(state.step)),
         loss_history=self.update_aux_state(state.loss_history, xs, values))
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
                'learning_rate': self.learning_rate_fn(state.step)}

@@ -92,6 +92,7 @@ class DiffusionMethod(OneOptimizerMethod):
         optimizer=create_optimizer(config.optim),
         learning_rate_fn=learning_rate_schedule(config.optim),
         ema_decay=config.optim.ema_decay, seed=config.seed,
+        ema_warmup=config.optim.ema_warmup,
         grad_accum_steps=config.grad_accum_steps)
 
   def describe(self) -> str:

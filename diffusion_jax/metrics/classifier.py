@@ -134,7 +134,7 @@ def _labelled(data_config, split: str) -> sources.ImageData:
 
 
 def load_or_train(data_config, *, cache_dir: str, seed: int = 0,
-                  steps: int = 1500, batch_size: int = 128,
+                  steps: int = 1000, batch_size: int = 128,
                   learning_rate: float = 2e-3) -> networks.FeatureNetwork:
   """The classifier of data_config's train split, from cache or trained."""
   train = _labelled(data_config, data_config.train_split)
