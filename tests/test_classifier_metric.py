@@ -179,7 +179,7 @@ def test_scores_order_real_digits_noise_and_the_floor(digits_classifier,
       'sample_quality/classifier_is_mean': train['is_mean'],
       'sample_quality/classifier_kid_mean': train['kid_mean'],
       'sample_quality/classifier_fd_floor': train['floor_fd_mean'],
-      'sample_quality/classifier_kid_floor': train['floor_kid_mean']}
+      'sample_quality/classifier_kid_mean_floor': train['floor_kid_mean']}
 
 
 @pytest.mark.filterwarnings('ignore:KID')

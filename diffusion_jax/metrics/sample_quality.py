@@ -340,6 +340,6 @@ def scalar_summaries(quality: dict) -> dict:
   tag = '' if quality['network'] == 'inception' else f'{quality["network"]}_'
   names = {'fd': 'fid' if not tag else 'fd', 'is_mean': 'is_mean',
            'kid_mean': 'kid_mean', 'floor_fd_mean': 'fd_floor',
-           'floor_kid_mean': 'kid_floor'}
+           'floor_kid_mean': 'kid_mean_floor'}
   return {f'sample_quality/{tag}{name}': quality[key]
           for key, name in names.items() if quality.get(key) is not None}
