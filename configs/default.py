@@ -112,7 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample_grid = grid = ml_collections.ConfigDict()
   grid.every_steps = 200  # and at the end; 0: never
   # global; split over all devices. As eval.batch_size: one compiled sampler.
-  grid.num_images = 100
+  grid.num_images = 96  # a multiple of 8: a TPU v3-8 or 8 CPU devices
 
   # Sample mode (--mode=sample).
   config.sample = sample = ml_collections.ConfigDict()
@@ -163,7 +163,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Eval mode (--mode=eval): likelihood batches, and the sample and data
   # batches of sample quality (there and during training).
   config.eval = ev = ml_collections.ConfigDict()
-  ev.batch_size = 100  # global; split over all devices
+  ev.batch_size = 96  # global; split over all devices (a multiple of 8)
 
   # Sample quality of EMA samples in --mode=eval and during training
   # (diffusion_jax/metrics/): a Frechet distance, KID and Inception Score
@@ -185,7 +185,7 @@ def get_config() -> ml_collections.ConfigDict:
   fid.floor_seeds = 3
   fid.num_samples = 0  # --mode=eval (the paper: 50,000); 0 skips it
   fid.every_steps = 200  # during training; 0 = never
-  fid.train_num_samples = 100  # per periodic evaluation during training
+  fid.train_num_samples = 96  # per periodic evaluation during training
   fid.resize_to = 299  # Inception input size (the reference: 299)
   fid.cache_dir = ''  # reference statistics cache; '' = workdir/fid_stats
 
