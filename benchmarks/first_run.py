@@ -179,14 +179,16 @@ def main():
         f'over {args.seeds} draws')
   report = dict(cpu=cpu, num_samples=args.num_samples, floor=floor, runs={})
   first_s = None
-  runs = [(cand, '') for cand in args.candidates.split(';')] + [
-      (args.candidates.split(';')[0], s) for s in args.samplers.split(';')
-      if s]
-  for cand, sampler in runs:
+  candidates = args.candidates.split(';')
+  # (work directory index, overrides, sampler): sampler variants reuse the
+  # first candidate's run directory.
+  runs = [(i, cand, '') for i, cand in enumerate(candidates)] + [
+      (0, candidates[0], s) for s in args.samplers.split(';') if s]
+  for run_index, cand, sampler in runs:
     overrides = [o for o in cand.split(',') if o.strip()]
     name = (cand or 'main job') + (f' + {sampler}' if sampler else '')
     res = run_ours(overrides, os.path.join(
-        root, f'ours_{args.candidates.split(";").index(cand)}'),
+        root, f'ours_{run_index}'),
                    args.num_samples * args.seeds, args.smoke,
                    sampler.split(','))
     first_s = first_s or res['train_s']

@@ -80,16 +80,17 @@ def _write_grid(exp: Experiment, workdir, writer, step, sample_fn, params,
 
 
 def _write_sample_quality(exp: Experiment, workdir, writer, step, params,
-                          network, sample_fn):
+                          network, sample_fn, floor=None):
   """Periodic FD / IS / KID of EMA samples (and the real floor) to
-  TensorBoard."""
+  TensorBoard; returns the floor, which the next call reuses (the real images
+  do not change during a run, so it is computed once)."""
   q = exp.quality
   quality = sample_quality.compute_sample_quality(
       exp.sample_batch_fn(params, exp.eval_batch_size, sample_fn),
       data_config=exp.data, mesh=exp.mesh, batch_size=exp.eval_batch_size,
       num_samples=exp.loop.quality_num_samples, network=network,
       seed=exp.seed, reference=q.reference, floor_seeds=q.floor_seeds,
-      cache_dir=_quality_cache(exp, workdir))
+      floor=floor, cache_dir=_quality_cache(exp, workdir))
   writer.write_scalars(step, sample_quality.scalar_summaries(quality))
   floor = (f' (real images: {quality["floor_fd_mean"]:.3f} +- '
            f'{quality["floor_fd_std"]:.3f})' if 'floor_fd_mean' in quality
@@ -99,6 +100,7 @@ def _write_sample_quality(exp: Experiment, workdir, writer, step, params,
                quality['num_samples'],
                '' if quality['comparable_to_published'] else
                ' (not comparable to published numbers)')
+  return sample_quality.floor_entries(quality)
 
 
 def _quality_cache(exp: Experiment, workdir) -> str:
@@ -153,7 +155,7 @@ def train_and_evaluate(exp: Experiment, workdir: str):
                         'num_devices': int(mesh.devices.size)})
 
   train_step = exp.jit_train_step()
-  sample_fn = grid_noise = network = None
+  sample_fn = grid_noise = network = floor = None
   if loop.grid_every_steps or loop.quality_every_steps:
     sample_fn = exp.jit_sample_fn()
   if loop.grid_every_steps:
@@ -229,9 +231,9 @@ def train_and_evaluate(exp: Experiment, workdir: str):
           _write_grid(exp, workdir, writer, done, sample_fn,
                       method.sample_params(state), grid_noise)
         if network and (done % loop.quality_every_steps == 0 or is_last):
-          _write_sample_quality(exp, workdir, writer, done,
-                                method.sample_params(state), network,
-                                sample_fn)
+          floor = _write_sample_quality(exp, workdir, writer, done,
+                                        method.sample_params(state), network,
+                                        sample_fn, floor)
     finally:
       # Join the prefetch thread: a daemon thread still inside XLA when the
       # interpreter exits aborts the process (exit code 134, not 0).

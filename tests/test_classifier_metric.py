@@ -180,6 +180,18 @@ def test_scores_order_real_digits_noise_and_the_floor(digits_classifier,
       'sample_quality/classifier_kid_mean': train['kid_mean'],
       'sample_quality/classifier_fd_floor': train['floor_fd_mean'],
       'sample_quality/classifier_kid_mean_floor': train['floor_kid_mean']}
+  # A floor passed back in is reused as is (the trainer computes it once per
+  # run), even with floor_seeds asking for a new one.
+  floor = sample_quality.floor_entries(train)
+  assert set(floor) == {'floor_fd_mean', 'floor_fd_std', 'floor_kid_mean',
+                        'floor_seeds', 'floor_num_images'}
+  fake = dict(floor, floor_fd_mean=-1.0)
+  again = sample_quality.compute_sample_quality(
+      _image_batches(noise, mesh, 40), num_samples=len(noise), floor_seeds=2,
+      floor=fake, **kwargs)
+  assert again['floor_fd_mean'] == -1.0
+  assert again['fd'] == pytest.approx(scores['noise']['fd'], rel=1e-5)
+  assert sample_quality.floor_entries(scores['noise']) is None
 
 
 @pytest.mark.filterwarnings('ignore:KID')

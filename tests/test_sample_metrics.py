@@ -424,10 +424,12 @@ def test_periodic_fid_during_training_goes_to_tensorboard(tmp_path):
 
   def fake(sample_batch, **kwargs):
     calls.append((kwargs['num_samples'], kwargs['network'],
-                  callable(sample_batch)))
+                  callable(sample_batch), kwargs['floor']))
+    floor = kwargs['floor'] or {'floor_fd_mean': 1.0 + len(calls),
+                                'floor_fd_std': 0.1, 'floor_kid_mean': 0.0}
     return {'fd': 3.0, 'is_mean': 1.5, 'kid_mean': None, 'fd_vs': 'train',
             'num_samples': kwargs['num_samples'], 'network': 'classifier',
-            'comparable_to_published': False}
+            'comparable_to_published': False, **floor}
 
   network = mock.Mock(kind='classifier')
   config = tiny_config(**{'sample_quality.every_steps': 2,
@@ -439,6 +441,11 @@ def test_periodic_fid_during_training_goes_to_tensorboard(tmp_path):
     run_train(config, str(tmp_path))
   # steps 2 and 4
   assert [c[:2] for c in calls] == [(8, network), (8, network)]
+  # The real-vs-real floor is computed at the first evaluation only and
+  # handed to the next (the real images do not change during a run).
+  assert calls[0][3] is None
+  assert calls[1][3] == {'floor_fd_mean': 2.0, 'floor_fd_std': 0.1,
+                         'floor_kid_mean': 0.0}
 
 
 def test_sliced_wasserstein_against_scipy_and_its_limits():

@@ -245,8 +245,9 @@ def compute_sample_quality(
     sample_batch: Callable[[int], jax.Array], *, data_config, mesh,
     batch_size: int, num_samples: int, network: networks.FeatureNetwork,
     seed: int = 0, reference: str = 'eval', cache_dir: str,
-    floor_seeds: int = 0, is_splits: int = 10, kid_subsets: int = 100,
-    kid_subset_size: int = 1000, max_kid_features: int = 10_000) -> dict:
+    floor_seeds: int = 0, floor: dict | None = None, is_splits: int = 10,
+    kid_subsets: int = 100, kid_subset_size: int = 1000,
+    max_kid_features: int = 10_000) -> dict:
   """Frechet distance, IS and KID of `num_samples` samples against a split.
 
   Args:
@@ -273,6 +274,9 @@ def compute_sample_quality(
       `fid_stats/`).
     floor_seeds: > 0 adds `real_floor` over that many draws of
       `num_samples` training images (reference 'eval' only).
+    floor: the floor_* entries of an earlier result with the same data,
+      network and num_samples, reused instead of recomputed (the real
+      images do not change during a run; `floor_entries`).
     is_splits, kid_subsets, kid_subset_size, max_kid_features: IS and KID
       settings (see metrics.distances and metrics.feature_stats).
 
@@ -317,7 +321,9 @@ def compute_sample_quality(
     out['fid'] = out['fd']
   out['is_mean'], out['is_std'] = distances.inception_score(
       stats.logits, splits=min(is_splits, stats.count))
-  if floor_seeds and reference == 'eval':
+  if floor is not None:
+    out.update(floor)
+  elif floor_seeds and reference == 'eval':
     out.update(real_floor(
         data_config, mesh, network, ref, num_images=stats.count,
         seeds=floor_seeds, batch_size=batch_size, kid_subsets=kid_subsets,
@@ -332,6 +338,13 @@ def compute_sample_quality(
       'seconds': time.perf_counter() - start,
   })
   return out
+
+
+def floor_entries(quality: dict) -> dict | None:
+  """The real-vs-real floor of a result, for `compute_sample_quality(floor=)`
+  (None if it has none)."""
+  floor = {k: v for k, v in quality.items() if k.startswith('floor_')}
+  return floor or None
 
 
 def scalar_summaries(quality: dict) -> dict:
