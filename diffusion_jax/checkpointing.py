@@ -9,18 +9,35 @@ Saves are asynchronous; a save that did not finish is never listed as a step
 directory, or a commit marker on gs://), so resume never picks it; the
 temporary directories a killed run leaves behind are deleted when the next
 run opens the directory.
+
+A committed step that cannot be read (a truncated or missing array file, lost
+metadata, a missing input position) is never deleted: `restore_readable`
+moves it to `checkpoints_unreadable/` beside the checkpoints, logs why, and
+resumes from the newest step that reads, so a restarted preemptible run needs
+no person. A checkpoint of another model is not "unreadable": that stays an
+error, and nothing is moved.
 """
 
 import os
+import time
 from typing import Any
 
+from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from diffusion_jax.errors import UserError, one_line
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint that cannot be used for this run; the message says why."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+  """A step whose files cannot be read (corrupt or incomplete), as opposed to
+  a readable checkpoint of another model."""
 
 
 def _key_name(entry) -> str:
@@ -77,12 +94,12 @@ class Checkpointer:
     try:
       meta = self._manager.item_metadata(step)['state']
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(
-          f'checkpoint step {step} in {self.directory} is unreadable ({e!r}). '
-          'Move that step directory aside to resume from an earlier one, or '
-          'use a new --workdir.') from e
+      raise UnreadableCheckpointError(one_line(
+          f'checkpoint step {step} in {self.directory} is unreadable '
+          f'({type(e).__name__}: {e}). Move that step directory aside to '
+          'resume from an earlier one, or use a new --workdir.')) from e
     if meta is None:
-      raise CheckpointError(
+      raise UnreadableCheckpointError(
           f'checkpoint step {step} in {self.directory} has no state metadata: '
           'it is corrupt or incomplete; move it aside or use a new --workdir.')
     want, have = _flat_shapes(abstract_state), _flat_shapes(meta)
@@ -107,6 +124,13 @@ class Checkpointer:
     if step is None:
       raise CheckpointError(f'no checkpoint in {self.directory}')
     meta = self.check_compatible(abstract_state, step)
+    if '://' not in self.directory and not os.path.isdir(
+        os.path.join(self.directory, str(step), 'data')):
+      # Orbax would restore a missing item as None: the run would resume
+      # with the input pipeline at its start, silently.
+      raise UnreadableCheckpointError(
+          f'checkpoint step {step} in {self.directory} has no input-pipeline '
+          'position (its data/ item is missing): it is incomplete.')
     target = abstract_state
     # Train states gained an optional field (loss_history, None unless t is
     # importance-sampled); checkpoints written before it lack the key.
@@ -121,14 +145,57 @@ class Checkpointer:
           state=ocp.args.StandardRestore(target),
           data=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(
+      raise UnreadableCheckpointError(one_line(
           f'checkpoint step {step} in {self.directory} could not be restored '
           f'({type(e).__name__}: {e}). It may be corrupt: move that step '
-          'directory aside to resume from an earlier step.') from e
+          'directory aside to resume from an earlier step.')) from e
     state = restored['state']
     if legacy:
       state = abstract_state.replace(**state)
     return state, dict(restored['data'] or {})
+
+  def restore_readable(self, abstract_state):
+    """(state, data_state, step) of the newest step that reads, or None when
+    there are no steps. Unreadable newer steps are then moved aside (never
+    deleted) with a warning. When no step reads, nothing is moved and the
+    newest step's error is raised (a person should look); a checkpoint of
+    another model raises at once."""
+    unreadable = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, data_state = self.restore(abstract_state, step)
+      except UnreadableCheckpointError as e:
+        unreadable.append((step, e))
+        continue
+      for bad, error in unreadable:
+        moved = self.move_aside(bad)
+        logging.warning('Skipped unreadable checkpoint step %d (%s); moved it '
+                        'to %s. Resuming from step %d.', bad, error, moved,
+                        step)
+      return state, data_state, step
+    if unreadable:
+      raise UnreadableCheckpointError(one_line(
+          f'no checkpoint in {self.directory} can be read; the newest: '
+          f'{unreadable[0][1]}'))
+    return None
+
+  def move_aside(self, step: int) -> str:
+    """Renames step `step` to ../checkpoints_unreadable/<step>[.<time>] (out
+    of Orbax's sight, never deleted); returns the new path."""
+    parent = os.path.dirname(self.directory.rstrip('/'))
+    target = os.path.join(parent, 'checkpoints_unreadable', str(step))
+    if jax.process_index() == 0:
+      from etils import epath  # pylint: disable=g-import-not-at-top
+      dest = epath.Path(target)
+      if dest.exists():
+        dest = epath.Path(f'{target}.{int(time.time())}')
+      dest.parent.mkdir(parents=True, exist_ok=True)
+      epath.Path(self.directory, str(step)).rename(dest)
+      target = str(dest)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'moved_aside_{step}')
+    self._manager.reload()
+    return target
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()

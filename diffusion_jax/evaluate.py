@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from diffusion_jax import parallel
+from diffusion_jax import errors, parallel
 from diffusion_jax.data.sources import DataError
 from diffusion_jax.experiment import EVAL_STREAM, Experiment
 from diffusion_jax.generate import load_sample_params
@@ -97,7 +97,7 @@ def evaluate(exp: Experiment, workdir: str, step: int | None = None) -> dict:
   q = exp.quality
   with_likelihood = has_likelihood(exp)
   if not with_likelihood and not q.num_samples:
-    raise ValueError(
+    raise errors.ConfigError(
         f'{exp.method.describe()} defines no likelihood to evaluate: set '
         'config.sample_quality.num_samples > 0 to score its samples instead')
   params, step = load_sample_params(exp, workdir, step)

@@ -19,7 +19,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 
-from diffusion_jax import methods, parallel
+from diffusion_jax import config_checks, methods, parallel
 from diffusion_jax.data import pipeline
 from diffusion_jax.metrics import networks
 from diffusion_jax.methods import Method
@@ -221,6 +221,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None, *,
   """Checks the config for `mode` ('train', 'sample', 'eval') and builds the
   objects; fails with the key's name before anything compiles. `method`
   replaces the config's (benchmarks that train an MLP on points)."""
+  config_checks.check(config, mode)  # values alone; then the mesh's
   mesh = parallel.create_mesh() if mesh is None else mesh
   if mode == 'train':
     _check_loop(config, mesh)

@@ -14,15 +14,23 @@ from diffusion_jax.experiment import SAMPLE_STREAM, Experiment
 
 
 def load_sample_params(exp: Experiment, workdir: str, step: int | None = None):
-  """Restores the checkpoint; returns (the method's sample params, step)."""
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
+  """Restores the checkpoint; returns (the method's sample params, step).
+  Reads only: a work directory without checkpoints is left as it was."""
+  directory = epath.Path(workdir) / 'checkpoints'
+  if not directory.exists():
     raise checkpointing.CheckpointError(
-        f'no checkpoint in {ckpt.directory}: train first (--mode=train) or '
-        'point --workdir at a run directory')
-  state, _ = ckpt.restore(exp.abstract_state(), step)
-  ckpt.close()
+        f'no checkpoint in {directory}: train first (--mode=train) or point '
+        '--workdir at a run directory')
+  ckpt = checkpointing.Checkpointer(os.fspath(directory))
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise checkpointing.CheckpointError(
+          f'no checkpoint in {ckpt.directory}: train first (--mode=train) or '
+          'point --workdir at a run directory')
+    state, _ = ckpt.restore(exp.abstract_state(), step)
+  finally:
+    ckpt.close()  # Orbax's background clean-up must never outlive an error.
   return exp.method.sample_params(state), step
 
 

@@ -2,15 +2,24 @@ r"""Command line: train, sample or evaluate; the only importer of the loop.
 
   python -m diffusion_jax.main --config=configs/default.py --workdir=DIR \
       [--config.batch_size=64 ...] [--mode=train|sample|eval]
+
+Exit codes: 0 done, or stopped by SIGTERM with consistent checkpoints on
+disk (rerun the same command to continue); 2 a user error (bad config, data
+or checkpoint, a diverged run): one last line of stderr says what and how to
+fix it, without a traceback unless --verbosity=1; anything else is a bug and
+keeps its traceback.
 """
 
 import difflib
 import importlib.util
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from diffusion_jax import config_checks, errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, samples and '
@@ -61,9 +70,49 @@ def initialize_distributed(jax) -> None:
     jax.distributed.initialize()
 
 
+class Terminated(BaseException):
+  """SIGTERM outside the training loop (which saves and returns itself):
+  a BaseException, so no `except Exception` on the way swallows it."""
+
+
+def _on_sigterm(signum, frame):  # pylint: disable=unused-argument
+  raise Terminated()
+
+
+def _exit(code: int, last_line: str | None = None):
+  """Ends the process now, `last_line` the last thing on stderr: os._exit,
+  so no library thread (Orbax's clean-up, prefetchers) prints after it."""
+  logging.flush()
+  sys.stdout.flush()
+  if last_line:
+    sys.stderr.write(last_line + '\n')
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
+
+
+def user_error(message) -> None:
+  """One line on stderr, exit code 2 (a user error, not a bug)."""
+  _exit(2, f'error: {errors.one_line(message)}')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  try:
+    _run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  except Terminated:
+    _exit(0, f'Stopped by SIGTERM outside the training loop ({FLAGS.mode} '
+          f'mode). The checkpoints in {FLAGS.workdir} are consistent (Orbax '
+          'commits a step atomically): rerun the same command to continue.')
+  except errors.UserError as e:
+    if logging.get_verbosity() >= 1:
+      raise
+    user_error(e)
+
+
+def _run(config, workdir, mode):
+  # Every config value, before JAX is imported or a file is touched.
+  config_checks.check(config, mode)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported here so --help stays fast and XLA_FLAGS set by the caller apply.
   import jax  # pylint: disable=g-import-not-at-top
@@ -76,14 +125,17 @@ def main(argv):
 
   logging.info('JAX %s, process %d/%d, devices: %s', jax.__version__,
                jax.process_index(), jax.process_count(), jax.devices())
-  config, workdir = FLAGS.config, FLAGS.workdir
   if '://' not in workdir:  # abspath would mangle gs://bucket/dir.
     workdir = os.path.abspath(workdir)
-  # Config to objects, once: every check runs here, before any compile.
-  exp = experiment.build(config, mode=FLAGS.mode)
-  if FLAGS.mode == 'train':
+  # Config to objects, once: every other check runs here, before any compile
+  # (their ValueErrors name the key: the user's to fix).
+  try:
+    exp = experiment.build(config, mode=mode)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from e
+  if mode == 'train':
     trainer.train_and_evaluate(exp, workdir)
-  elif FLAGS.mode == 'eval':
+  elif mode == 'eval':
     evaluate.evaluate(exp, workdir)
   else:
     generate.generate(exp, workdir)
@@ -107,38 +159,61 @@ def _config_keys(config, prefix=''):
 
 
 def parse_flags(argv):
-  """absl parsing, with a one-line error for a config key that does not exist
-  (ml_collections raises a bare AttributeError deep in its override code)."""
+  """absl parsing; every error of the command line or the config file ends
+  in one line and exit code 2 (ml_collections raises a bare AttributeError
+  deep in its override code for a key that does not exist)."""
   try:
-    return FLAGS(argv)
+    rest = FLAGS(argv)
+    FLAGS.config.keys()  # a missing or broken file fails here, not later
+    return rest
+  except flags.Error as e:
+    user_error(f'{e} (see --helpshort)')
   except (AttributeError, KeyError) as e:
-    overrides = [a.split('=', 1)[0][len('--config.'):] for a in argv
-                 if a.startswith('--config.')]
-    known = set()
-    paths = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
-    if paths:
-      try:
-        spec = importlib.util.spec_from_file_location(
-            '_config', paths[-1].split(':')[0])
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        known = set(_config_keys(module.get_config()))
-      except Exception:  # pylint: disable=broad-except
-        pass
-    renamed = [k for k in overrides if k in RENAMED_KEYS]
-    if renamed:
-      sys.exit(f'error: config key {renamed[0]!r} is now '
+    _unknown_key(argv, e)
+  except (OSError, SyntaxError, ImportError) as e:
+    path = _config_path(argv)
+    if path and not os.path.exists(path):
+      user_error(f'--config={path}: no such file (configs/ holds the '
+                 'experiment files, e.g. --config=configs/default.py)')
+    user_error(f'--config={path}: cannot load it: {type(e).__name__}: {e}')
+  return None
+
+
+def _config_path(argv):
+  paths = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+  return paths[-1].split(':')[0] if paths else None
+
+
+def _unknown_key(argv, error):
+  overrides = [a.split('=', 1)[0][len('--config.'):] for a in argv
+               if a.startswith('--config.')]
+  known = set()
+  path = _config_path(argv)
+  if path:
+    try:
+      spec = importlib.util.spec_from_file_location('_config', path)
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+      known = set(_config_keys(module.get_config()))
+    except Exception:  # pylint: disable=broad-except
+      pass
+  renamed = [k for k in overrides if k in RENAMED_KEYS]
+  if renamed:
+    user_error(f'config key {renamed[0]!r} is now '
                f'{RENAMED_KEYS[renamed[0]]!r}: use '
                f'--config.{RENAMED_KEYS[renamed[0]]}=...')
-    bad = [k for k in overrides if known and k not in known]
-    if not bad:
-      raise
-    hints = difflib.get_close_matches(bad[0], sorted(known), n=3)
-    sys.exit(f'error: config key {bad[0]!r} does not exist in the config file'
+  bad = [k for k in overrides if known and k not in known]
+  if not bad:
+    raise error
+  hints = difflib.get_close_matches(bad[0], sorted(known), n=3)
+  user_error(f'config key {bad[0]!r} does not exist in the config file'
              + (f'; did you mean {" or ".join(hints)}?' if hints else '.')
              + ' Run with --config=FILE and see config.json in a workdir '
              'for all keys.')
 
 
 if __name__ == '__main__':
+  # From the first moment: SIGTERM outside the loop exits 0 with a message
+  # (the loop's PreemptionGuard takes it over to save, then hands it back).
+  signal.signal(signal.SIGTERM, _on_sigterm)
   app.run(main, flags_parser=parse_flags)

@@ -24,12 +24,14 @@ import tqdm
 
 from diffusion_jax import checkpointing, experiment, parallel, report
 from diffusion_jax import visualization
+from diffusion_jax import errors
+from diffusion_jax.errors import UserError
 from diffusion_jax.experiment import GRID_STREAM, Experiment
 from diffusion_jax.metrics import sample_quality
 from diffusion_jax.preemption import PreemptionGuard
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   """Training diverged; the message names the step and the kept checkpoint."""
 
 
@@ -40,23 +42,37 @@ def _finite(tree) -> bool:
   return bool(np.isfinite(float(optax.tree.norm(floats))))
 
 
-def _flush_metrics(pending, first_step, writer, checkpointer, t_last, t_now):
-  """Pulls per-step metrics to host, fails on NaN/inf, writes means."""
-  # Each entry holds one call's metrics: scalars, or (k,) with steps_per_call.
-  host = jax.device_get(pending)
-  values = {key: np.concatenate([np.atleast_1d(m[key]) for m in host])
-            for key in host[0]}
+def _kept_checkpoint(checkpointer) -> str:
+  latest = checkpointer.latest_step()
+  if latest is None:
+    return 'There is no checkpoint yet: nothing to resume; '
+  return (f'The last good checkpoint (step {latest}) in '
+          f'{checkpointer.directory} is kept untouched; ')
+
+
+def _check_finite(host_metrics, first_step, checkpointer):
+  """Raises NonFiniteLossError naming the first step whose metrics are not
+  finite. host_metrics: list of calls' metrics (scalars, or (k,) arrays with
+  steps_per_call), the first one's first step being first_step + 1."""
+  values = {key: np.concatenate([np.atleast_1d(m[key]) for m in host_metrics])
+            for key in host_metrics[0]}
   for key, v in values.items():
     bad = np.flatnonzero(~np.isfinite(v))
     if bad.size:
       step = first_step + int(bad[0]) + 1
       checkpointer.wait_until_finished()
       raise NonFiniteLossError(
-          f'non-finite {key} ({v[bad[0]]}) at step {step}. The last good '
-          f'checkpoint (step {checkpointer.latest_step()}) in '
-          f'{checkpointer.directory} is kept untouched; lower '
+          f'non-finite {key} ({v[bad[0]]}) at step {step}. '
+          f'{_kept_checkpoint(checkpointer)}lower '
           'config.optim.learning_rate, raise config.optim.warmup_steps or '
-          'check the data, then rerun to resume from it.')
+          'check the data, then rerun.')
+  return values
+
+
+def _flush_metrics(pending, first_step, writer, checkpointer, t_last, t_now):
+  """Pulls per-step metrics to host, fails on NaN/inf, writes means."""
+  # Each entry holds one call's metrics: scalars, or (k,) with steps_per_call.
+  values = _check_finite(jax.device_get(pending), first_step, checkpointer)
   num_steps = len(next(iter(values.values())))
   summary = {key: float(v[-1] if key == 'learning_rate' else v.mean())
              for key, v in values.items()}
@@ -107,32 +123,52 @@ def _quality_cache(exp: Experiment, workdir) -> str:
   return exp.quality.cache_dir or os.path.join(workdir, 'fid_stats')
 
 
-def _restore_or_init(exp: Experiment, checkpointer, train_iter, latest):
-  if latest is None:
-    return exp.init_state()
-  state, data_state = checkpointer.restore(exp.abstract_state(), latest)
+def _restore_or_init(exp: Experiment, checkpointer):
+  """(state, train iterator) from the newest readable checkpoint (unreadable
+  newer ones are moved aside, see checkpointing.py), or fresh ones."""
+  restored = checkpointer.restore_readable(exp.abstract_state())
+  if restored is None:
+    return exp.init_state(), exp.train_iterator(start_step=0)
+  state, data_state, step = restored
+  train_iter = exp.train_iterator(start_step=step)
   train_iter.set_state(data_state)
-  logging.info('Resumed from %s step %d', checkpointer.directory, latest)
-  return state
+  logging.info('Resumed from %s step %d', checkpointer.directory, step)
+  return state, train_iter
 
 
 def train_and_evaluate(exp: Experiment, workdir: str):
   """Trains (resuming from workdir if it holds a checkpoint); returns the
   final state."""
-  loop, mesh, method = exp.loop, exp.mesh, exp.method
   checkpointer = checkpointing.Checkpointer(
-      os.path.join(workdir, 'checkpoints'), max_to_keep=loop.keep_checkpoints)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    # Fails on a checkpoint of another model before anything compiles.
-    checkpointer.check_compatible(exp.abstract_state(), latest)
-  train_iter = exp.train_iterator(start_step=latest or 0)
-  experiment.write_config(exp.config, workdir)
-  state = _restore_or_init(exp, checkpointer, train_iter, latest)
+      os.path.join(workdir, 'checkpoints'),
+      max_to_keep=exp.loop.keep_checkpoints)
+  try:
+    return _train(exp, workdir, checkpointer)
+  finally:
+    # On every exit path, errors included: Orbax's background work must
+    # never outlive the run (it printed the last word at shutdown).
+    checkpointer.close()
+
+
+def _train(exp: Experiment, workdir: str, checkpointer):
+  loop, mesh, method = exp.loop, exp.mesh, exp.method
+  # A checkpoint of another model fails here, before anything compiles.
+  state, train_iter = _restore_or_init(exp, checkpointer)
   start_step = int(jax.device_get(state.step))
+  if start_step >= loop.num_train_steps:
+    train_iter.close()
+    logging.info(
+        '%s already holds step %d, %s config.num_train_steps=%d: nothing to '
+        'train; the checkpoints are left as they are. Raise '
+        'config.num_train_steps to train further.', checkpointer.directory,
+        start_step, 'the requested' if start_step == loop.num_train_steps
+        else 'beyond', loop.num_train_steps)
+    return state
+  experiment.write_config(exp.config, workdir)
   k = loop.steps_per_call
   if start_step % k:
-    raise ValueError(
+    train_iter.close()
+    raise errors.ConfigError(
         f'resuming at step {start_step}, which is not a multiple of '
         f'config.steps_per_call={k} (the run that wrote it used another '
         'value): set config.steps_per_call to a divisor of '
@@ -172,7 +208,7 @@ def train_and_evaluate(exp: Experiment, workdir: str):
   bar = tqdm.tqdm(total=num_steps, initial=start_step, unit='step',
                   dynamic_ncols=True, disable=jax.process_index() > 0,
                   desc='train')
-  pending, first_pending = [], start_step
+  pending, first_pending, previous = [], start_step, None
   t_last = time.perf_counter()
   eta_logged, timing_start, preempted = False, None, False
   with PreemptionGuard() as guard:
@@ -181,6 +217,13 @@ def train_and_evaluate(exp: Experiment, workdir: str):
         batch = next(train_iter) if k == 1 else tuple(
             next(train_iter) for _ in range(k))
         state, metrics = train_step(state, batch)
+        # NaN/inf stop within one call of the first bad step: the previous
+        # call's few scalars are ready (or nearly) once this one is queued,
+        # so reading them costs no pipeline stall.
+        if previous is not None:
+          _check_finite(jax.device_get([previous[0]]), previous[1],
+                        checkpointer)
+        previous = (metrics, done - k)
         pending.append(metrics)
         bar.update(k)
         for s in range(done - k + 1, done + 1):
@@ -253,7 +296,6 @@ def train_and_evaluate(exp: Experiment, workdir: str):
                  os.path.join(workdir, 'samples'), workdir)
     if jax.process_index() == 0:
       _write_report(workdir)
-  checkpointer.close()
   return state
 
 

@@ -136,10 +136,13 @@ def test_sigterm_saves_exits_cleanly_and_resumes_exactly(tmp_path, xla_cache,
 
 
 def _kill_and_resume(tmp_path, xla_cache, kill_points):
-  """Runs, SIGKILLs at each kill point in turn, then runs to the end."""
+  """Runs, SIGKILLs at each kill point in turn, then runs to the end. A
+  point ('term', p) sends SIGTERM instead of SIGKILL at p."""
   workdir = str(tmp_path / 'run')
   seen_tmp = False
   for i, point in enumerate(kill_points):
+    term = isinstance(point, tuple)
+    point = point[1] if term else point
     log = str(tmp_path / f'log{i}.txt')
     proc = _start(workdir, log, xla_cache)
     if point == 'during_save':
@@ -149,8 +152,13 @@ def _kill_and_resume(tmp_path, xla_cache, kill_points):
     else:
       condition = lambda: _logged_step(log) >= point  # pylint: disable=cell-var-from-loop
     hit = _wait_for(proc, condition)
-    proc.kill()
-    proc.wait(timeout=60)
+    if term:
+      proc.send_signal(signal.SIGTERM)
+      # A clean stop: saved (or nothing to save yet), exit 0.
+      assert proc.wait(timeout=120) == 0, open(log).read()[-3000:]
+    else:
+      proc.kill()
+      proc.wait(timeout=60)
     assert hit, f'run {i} ended before kill point {point!r}'
     if point == 'during_save':
       # Usually still there; the rename may just have won the race.
@@ -175,6 +183,51 @@ def test_sigkill_at_many_points_is_bitwise_exact(tmp_path, xla_cache,
   (state, _), _ = _kill_and_resume(
       tmp_path, xla_cache, [0, 2, 'during_save', 21, 'during_save', 45, 59])
   _assert_bitwise_equal(state, uninterrupted[0])
+
+
+@pytest.mark.slow
+def test_random_sigkills_and_sigterms_are_bitwise_exact(tmp_path, xla_cache,
+                                                        uninterrupted):
+  """The fault campaign of issue 18 at small scale: SIGKILL or SIGTERM at
+  random steps (and mid-save), then one uninterrupted rerun."""
+  rng = np.random.default_rng(18)
+  points = sorted(int(p) for p in rng.choice(np.arange(1, STEPS - 1), 6,
+                                            replace=False))
+  points = [('term', p) if rng.random() < 0.5 else p for p in points]
+  points.insert(int(rng.integers(len(points))), 'during_save')
+  (state, data), _ = _kill_and_resume(tmp_path, xla_cache, points)
+  assert data == {'step': STEPS}
+  _assert_bitwise_equal(state, uninterrupted[0])
+
+
+def test_sigterm_during_start_up_exits_0_with_a_message(tmp_path, xla_cache):
+  """Before the loop there is nothing to save: exit 0 and say so (it exited
+  143 with no message)."""
+  workdir, log = str(tmp_path / 'run'), str(tmp_path / 'log.txt')
+  proc = _start(workdir, log, xla_cache)
+  # Logged right after JAX is imported, seconds before the first step.
+  assert _wait_for(proc, lambda: 'process 0/1, devices' in open(log).read())
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 0, open(log).read()[-3000:]
+  last = open(log).read().strip().splitlines()[-1]
+  assert last.startswith('Stopped by SIGTERM outside the training loop'), last
+  assert 'rerun the same command' in last
+  assert _logged_step(log) == 0
+
+
+def test_sigterm_in_the_last_moments_exits_0(tmp_path, xla_cache):
+  """After "Finished" (the report, shutdown) SIGTERM must not turn a done
+  run into a failure (it exited 143)."""
+  workdir, log = str(tmp_path / 'run'), str(tmp_path / 'log.txt')
+  proc = _start(workdir, log, xla_cache, [
+      '--config.num_train_steps=4', '--config.checkpoint_every_steps=2'])
+  assert _wait_for(proc, lambda: 'Finished at step 4' in open(log).read())
+  if proc.poll() is None:
+    proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 0, open(log).read()[-3000:]
+  ckpt = checkpointing.Checkpointer(_ckpt_dir(workdir))
+  assert ckpt.latest_step() == 4
+  ckpt.close()
 
 
 def test_leftover_tmp_checkpoint_is_ignored_and_removed(tmp_path):

@@ -99,10 +99,10 @@ def test_loop_with_both_options_keeps_boundaries_exact(tmp_path):
      r'is not a multiple of config.steps_per_call=4'),
     ({'steps_per_call': 2, 'sample_grid.every_steps': 3, 'num_train_steps': 6},
      r'config.sample_grid.every_steps=3 is not a multiple'),
-    ({'steps_per_call': 0}, r'config.steps_per_call must be positive'),
+    ({'steps_per_call': 0}, r'config.steps_per_call=0 must be positive'),
     ({'grad_accum_steps': 3}, r'config.grad_accum_steps=3 does not divide the '
      r'per-device batch 2 \(config.batch_size=16 over 8 devices\)'),
-    ({'grad_accum_steps': 0}, r'config.grad_accum_steps must be positive'),
+    ({'grad_accum_steps': 0}, r'config.grad_accum_steps=0 must be positive'),
 ])
 def test_bad_throughput_values_fail_before_compiling(tmp_path, overrides,
                                                      match):

@@ -436,7 +436,8 @@ def test_a_first_wave_loss_name_names_the_new_keys():
     ({'sample_quality.every_steps': 2,
       'sample_quality.reference': '/nowhere/stats.npz'},
      r'config.sample_quality.reference'),
-    ({'keep_checkpoints': 0}, r'config.keep_checkpoints must be positive'),
+    ({'keep_checkpoints': 0},
+     r'config.keep_checkpoints=0 must be >= 1 \(0 would delete every'),
 ])
 def test_bad_config_values_fail_at_build_with_the_key(overrides, match):
   with pytest.raises(ValueError, match=match):

@@ -31,12 +31,14 @@ from typing import Any, Callable, Optional
 import numpy as np
 from PIL import Image
 
+from diffusion_jax.errors import UserError
+
 SOURCES = ('digits', 'tfds', 'idx', 'image_folder', 'npz')
 DIGITS_TRAIN_SIZE = 1497
 _IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """Bad data or data config; the message says how to fix it."""
 
 
@@ -235,8 +237,15 @@ def _open_npz(cfg, split):
     if not prefix and (split != cfg.train_split or 'images' not in keys):
       raise DataError(f'{path} has no "{split}_images" array (keys: '
                       f'{sorted(keys)}); plain "images" is the train split.')
-    labels = npz.get(f'{prefix}labels')
-    return _array_source(npz[f'{prefix}images'], labels, cfg, str(path))
+    try:
+      labels = npz.get(f'{prefix}labels')
+      images = npz[f'{prefix}images']
+    except ValueError as e:  # object arrays: nothing is unpickled
+      raise DataError(
+          f'{path}: an array of {sorted(keys)} holds Python objects '
+          f'({e}); store images as a uint8 array "{prefix}images" '
+          f'(N, H, W, C) and labels as an int array "{prefix}labels".') from e
+    return _array_source(images, labels, cfg, str(path))
 
 
 def _open_tfds(cfg, split):

@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.errors import UserError
+
 FID_WEIGHTS_FILE = 'pt_inception-2015-12-05-6726825d.pth'
 INPUT_SIZE = 299
 # The smallest input for which every VALID conv/pool keeps a positive size.
@@ -308,7 +310,7 @@ def abstract_variables() -> Mapping[str, Any]:
                            jnp.float32))
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
   """The weights file is missing or does not fit the network."""
 
 
@@ -317,9 +319,11 @@ def _read_state_dict(path: str) -> dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise WeightsError(
         f'FID Inception weights not found at {path!r}. Copy '
-        f'{FID_WEIGHTS_FILE} (pytorch-fid\'s release asset) there; nothing is '
-        'downloaded at run time. Without it, use inception.random_params() '
-        '(numbers then are not comparable to published FIDs).')
+        f'{FID_WEIGHTS_FILE} (pytorch-fid\'s release asset) there and set '
+        'config.sample_quality.weights_path to it; nothing is downloaded at '
+        "run time. Without it, set config.sample_quality.weights_path='' (a "
+        'random network: numbers not comparable to published FIDs) or '
+        "config.sample_quality.network='classifier'.")
   if path.endswith('.npz'):
     with np.load(path) as npz:
       return {k: npz[k] for k in npz.files}

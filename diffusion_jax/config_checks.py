@@ -1,0 +1,144 @@
+"""Every config value checked up front, naming the key, the value and a fix.
+
+Pure Python on the ConfigDict (no JAX): the command line runs `check` before
+it imports JAX, restores or compiles anything, in every mode, so a bad value
+fails in a second and never touches a work directory. Checks that need the
+device mesh (batch sizes over devices) or a method's registries (process,
+prediction, sampler) run next, in experiment.build and the method's
+from_config; they raise ValueError, which the command line reports the same
+way.
+"""
+
+import math
+
+from diffusion_jax.errors import ConfigError
+
+# key: what it must be. Keys absent from a config (a method's own config, a
+# test's) are skipped.
+POSITIVE = (
+    'batch_size', 'num_train_steps', 'log_every_steps',
+    'checkpoint_every_steps', 'steps_per_call', 'grad_accum_steps',
+    'data.image_size', 'data.channels', 'model.ch', 'model.num_res_blocks',
+    'model.num_groups', 'model.temb_dim', 'diffusion.num_timesteps',
+    'sample.num_images', 'sample.batch_size', 'sample.progressive_num_images',
+    'sample_grid.num_images', 'eval.batch_size',
+    'sample_quality.train_num_samples', 'sample_quality.resize_to',
+    'optim.adam_eps', 'diffusion.beta_start',
+    'diffusion.beta_end', 'diffusion.vp_beta_min', 'diffusion.vp_beta_max',
+    'diffusion.ve_sigma_min', 'diffusion.ve_sigma_max',
+    'diffusion.logit_normal_std', 'sample.snr')
+NON_NEGATIVE = (
+    'sample_grid.every_steps', 'sample_quality.every_steps',
+    'sample_quality.num_samples', 'sample_quality.floor_seeds',
+    'sample.num_steps', 'sample.corrector_steps', 'sample.ddim_eta',
+    'sample.guidance_scale', 'sample.t_min', 'diffusion.t_min',
+    'optim.learning_rate', 'optim.warmup_steps', 'optim.grad_clip_norm',
+    'data.prefetch',
+    'model.num_classes')
+# key: (low, high, high included)
+INTERVALS = {
+    'optim.ema_decay': (0.0, 1.0, False),
+    'optim.adam_b1': (0.0, 1.0, False),
+    'optim.adam_b2': (0.0, 1.0, False),
+    'model.dropout': (0.0, 1.0, False),
+    'model.label_dropout': (0.0, 1.0, True),
+    'diffusion.beta_end': (0.0, 1.0, False),
+    'diffusion.t_min': (0.0, 1.0, False),
+    'sample.t_min': (0.0, 1.0, False),
+}
+CHOICES = {
+    'model.dtype': ('float32', 'bfloat16', 'float16'),
+    'sample_quality.network': ('classifier', 'inception'),
+}
+# Why keep_checkpoints must be >= 1: Orbax's max_to_keep=0 deletes every
+# checkpoint of the work directory, old ones included (issue 18).
+KEEP_CHECKPOINTS_FIX = ('must be >= 1 (0 would delete every checkpoint of '
+                        'the work directory, old ones included)')
+
+
+def _get(config, key):
+  node = config
+  for part in key.split('.'):
+    if not hasattr(node, 'keys') or part not in node.keys():
+      return None
+    node = node[part]
+  return node
+
+
+def _number(key, value):
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ConfigError(f'config.{key}={value!r} must be a number')
+  if not math.isfinite(value):
+    raise ConfigError(f'config.{key}={value!r} must be finite')
+  return value
+
+
+def check(config, mode: str = 'train') -> None:
+  """Raises ConfigError on the first value that cannot work in `mode`
+  ('train', 'sample' or 'eval')."""
+  for key in POSITIVE:
+    value = _get(config, key)
+    if value is not None and _number(key, value) <= 0:
+      raise ConfigError(f'config.{key}={value!r} must be positive (> 0)')
+  for key in NON_NEGATIVE:
+    value = _get(config, key)
+    if value is not None and _number(key, value) < 0:
+      raise ConfigError(f'config.{key}={value!r} must be >= 0 (0: off or '
+                        'the default, see configs/default.py)')
+  for key, (low, high, closed) in INTERVALS.items():
+    value = _get(config, key)
+    if value is None:
+      continue
+    _number(key, value)
+    if not (low <= value <= high if closed else low <= value < high):
+      raise ConfigError(f'config.{key}={value!r} must be in [{low}, {high}'
+                        f'{"]" if closed else ")"}')
+  for key, allowed in CHOICES.items():
+    value = _get(config, key)
+    if value is not None and value not in allowed:
+      raise ConfigError(f'config.{key}={value!r}: use one of '
+                        f'{", ".join(map(repr, allowed))}')
+  keep = _get(config, 'keep_checkpoints')
+  if keep is not None and (isinstance(keep, bool) or keep < 1):
+    raise ConfigError(f'config.keep_checkpoints={keep!r} '
+                      f'{KEEP_CHECKPOINTS_FIX}')
+  del mode  # every mode checks every value (issue 18)
+  _check_pairs(config)
+  _check_model(config)
+
+
+def _check_pairs(config):
+  """Values that must be ordered or fit each other."""
+  pairs = (('diffusion.beta_start', 'diffusion.beta_end'),
+           ('diffusion.vp_beta_min', 'diffusion.vp_beta_max'),
+           ('diffusion.ve_sigma_min', 'diffusion.ve_sigma_max'))
+  for low_key, high_key in pairs:
+    low, high = _get(config, low_key), _get(config, high_key)
+    if low is not None and high is not None and low > high:
+      raise ConfigError(f'config.{low_key}={low!r} is above config.{high_key}'
+                        f'={high!r}: swap them or lower config.{low_key}')
+  label, classes = (_get(config, 'sample.class_label'),
+                    _get(config, 'model.num_classes'))
+  if label is not None and classes is not None and (
+      label < -1 or (classes and label >= classes)):
+    raise ConfigError(
+        f'config.sample.class_label={label} is not a class of this model: '
+        f'use -1 (every class in turn) or 0..{max(classes - 1, 0)}')
+
+
+def _check_model(config):
+  """The U-Net's sizes fit together (GroupNorm groups, levels)."""
+  if _get(config, 'model.name') != 'unet':
+    return
+  ch, groups = _get(config, 'model.ch'), _get(config, 'model.num_groups')
+  mult = _get(config, 'model.ch_mult')
+  if not mult or any(m <= 0 for m in mult):
+    raise ConfigError(f'config.model.ch_mult={tuple(mult or ())!r}: give one '
+                      'positive multiplier per resolution level, e.g. (1, 2)')
+  for m in mult:
+    if (ch * m) % groups:
+      raise ConfigError(
+          f'config.model.num_groups={groups} does not divide the {ch * m} '
+          f'channels of a level (config.model.ch={ch} x ch_mult {m}): '
+          'GroupNorm needs a divisor of every level\'s channels, e.g. '
+          f'{math.gcd(*[ch * k for k in mult])}')
