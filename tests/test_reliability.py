@@ -261,9 +261,11 @@ def reference_six_steps(tmp_path_factory):
   return _restore_final(ref, tiny_config(num_train_steps=6)), four
 
 
-@pytest.mark.parametrize('how', ['truncated_array_file', 'missing_array_file',
-                                 'missing_metadata',
-                                 'missing_data_iterator_state'])
+@pytest.mark.parametrize('how', [
+    'truncated_array_file', 'missing_data_iterator_state',
+    # The same path through restore_readable; slow to keep the suite short.
+    pytest.param('missing_array_file', marks=pytest.mark.slow),
+    pytest.param('missing_metadata', marks=pytest.mark.slow)])
 def test_corrupt_latest_checkpoint_falls_back_and_resumes_bit_exactly(
     tmp_path, reference_six_steps, how):
   (want, want_data), four = reference_six_steps
@@ -316,3 +318,24 @@ def test_nan_stops_within_one_call_at_the_true_step(tmp_path):
   assert f') at step {first_bad}. ' in str(error.value), str(error.value)
   assert 'no checkpoint yet: nothing to resume' in str(error.value)
   flush.assert_not_called()  # stopped before the step-20 boundary
+
+
+# ----------------------------------------------------------------- smaller --
+
+
+def test_npz_with_an_object_array_names_the_file_and_keys(tmp_path):
+  from diffusion_jax.data import sources  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'pickled.npz'
+  np.savez(path, images=np.array([{'a': 1}, None], dtype=object))
+  config = tiny_config(**{'data.source': 'npz', 'data.data_dir': str(path)})
+  with pytest.raises(sources.DataError,
+                     match=r'pickled\.npz: an array of \[.images.\] holds '
+                     r'Python objects'):
+    sources.load_split(config.data, 'train')
+
+
+def test_missing_fid_weights_name_the_config_key(tmp_path):
+  from diffusion_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+  with pytest.raises(inception.WeightsError,
+                     match=r'config\.sample_quality\.weights_path'):
+    inception._read_state_dict(str(tmp_path / 'missing.pth'))  # pylint: disable=protected-access
