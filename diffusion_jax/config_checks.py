@@ -46,9 +46,10 @@ INTERVALS = {
     'diffusion.t_min': (0.0, 1.0, False),
     'sample.t_min': (0.0, 1.0, False),
 }
+# Registries (networks, methods, processes, samplers) are checked against
+# the registry itself in experiment.build and the method's from_config.
 CHOICES = {
     'model.dtype': ('float32', 'bfloat16', 'float16'),
-    'sample_quality.network': ('classifier', 'inception'),
 }
 # Why keep_checkpoints must be >= 1: Orbax's max_to_keep=0 deletes every
 # checkpoint of the work directory, old ones included (issue 18).

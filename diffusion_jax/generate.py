@@ -17,17 +17,16 @@ def load_sample_params(exp: Experiment, workdir: str, step: int | None = None):
   """Restores the checkpoint; returns (the method's sample params, step).
   Reads only: a work directory without checkpoints is left as it was."""
   directory = epath.Path(workdir) / 'checkpoints'
-  if not directory.exists():
-    raise checkpointing.CheckpointError(
-        f'no checkpoint in {directory}: train first (--mode=train) or point '
-        '--workdir at a run directory')
+  missing = checkpointing.CheckpointError(
+      f'no checkpoint in {directory}: train first (--mode=train) or point '
+      '--workdir at a run directory')
+  if not directory.exists():  # Opening a Checkpointer would create it.
+    raise missing
   ckpt = checkpointing.Checkpointer(os.fspath(directory))
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None:
-      raise checkpointing.CheckpointError(
-          f'no checkpoint in {ckpt.directory}: train first (--mode=train) or '
-          'point --workdir at a run directory')
+      raise missing
     state, _ = ckpt.restore(exp.abstract_state(), step)
   finally:
     ckpt.close()  # Orbax's background clean-up must never outlive an error.

@@ -25,13 +25,12 @@ import tqdm
 from diffusion_jax import checkpointing, experiment, parallel, report
 from diffusion_jax import visualization
 from diffusion_jax import errors
-from diffusion_jax.errors import UserError
 from diffusion_jax.experiment import GRID_STREAM, Experiment
 from diffusion_jax.metrics import sample_quality
 from diffusion_jax.preemption import PreemptionGuard
 
 
-class NonFiniteLossError(UserError, FloatingPointError):
+class NonFiniteLossError(errors.UserError, FloatingPointError):
   """Training diverged; the message names the step and the kept checkpoint."""
 
 
@@ -262,10 +261,9 @@ def _train(exp: Experiment, workdir: str, checkpointer):
           if not _finite(state):
             checkpointer.wait_until_finished()
             raise NonFiniteLossError(
-                f'non-finite parameters after step {done}. The last good '
-                f'checkpoint (step {checkpointer.latest_step()}) is kept; '
-                'lower config.optim.learning_rate and rerun to resume from '
-                'it.')
+                f'non-finite parameters after step {done}. '
+                f'{_kept_checkpoint(checkpointer)}lower '
+                'config.optim.learning_rate and rerun.')
           checkpointer.save(done, state, train_iter.get_state())
         if preempted:
           break
