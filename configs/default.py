@@ -12,7 +12,8 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # The generative method (diffusion_jax/methods/): 'diffusion'.
+  # The generative method (diffusion_jax/methods/): 'diffusion',
+  # 'progressive_distillation' (config.distill).
   config.method = 'diffusion'
 
   # Input pipeline (diffusion_jax/data/).
@@ -41,7 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.beta_start = 1e-4
   diffusion.beta_end = 0.02
   # What the network predicts: 'eps', 'x0', 'v' (alpha eps - sigma x0) or
-  # 'velocity' (dx_t/dt, rectified flow's target; continuous processes).
+  # 'velocity' (dx_t/dt, rectified flow's target; continuous processes) or
+  # 'edm' (EDM's preconditioned F, sigma_data = 0.5; any process).
   diffusion.prediction = 'eps'
   # 'mse': || target - f(x_t, t) ||^2, L_simple (Ho et al. 2020, eq. 14)
   # for eps. 'hybrid' (L_simple + 0.001 L_vlb) and 'vlb' learn the variance
@@ -52,7 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.clip_denoised = True  # clip x0_hat to [-1, 1] while sampling.
   # How training draws t: 'uniform'; 'importance' (ddpm with hybrid/vlb:
   # p_t ~ sqrt(E[L_t^2]) over the last 10 losses of each t); 'logit_normal'
-  # (continuous: t = sigmoid(N(mean, std)), Esser et al. 2024).
+  # (continuous: t = sigmoid(N(mean, std)), Esser et al. 2024);
+  # 'log_normal' (the edm process: ln sigma ~ N(edm_p_mean, edm_p_std^2)).
   diffusion.time_sampling = 'uniform'
   diffusion.logit_normal_mean = 0.0
   diffusion.logit_normal_std = 1.0
@@ -66,6 +69,14 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.ve_sigma_min = 0.01
   diffusion.ve_sigma_max = 50.0
   diffusion.t_min = 0.0
+  # 'edm' (Karras et al. 2022): x = x0 + sigma eps, the time is sigma in
+  # [edm_sigma_min, edm_sigma_max]; training draws ln(sigma) ~
+  # N(edm_p_mean, edm_p_std^2) (set time_sampling='log_normal'); pair it
+  # with prediction='edm' (the paper's preconditioning) and sampler='edm'.
+  diffusion.edm_sigma_min = 0.002
+  diffusion.edm_sigma_max = 80.0
+  diffusion.edm_p_mean = -1.2
+  diffusion.edm_p_std = 1.2
 
   # Network (diffusion_jax/models/): 'unet', or 'mlp' (width ch, depth
   # num_res_blocks, flattened inputs).
@@ -101,6 +112,15 @@ def get_config() -> ml_collections.ConfigDict:
   # EMAModel, TF's num_updates): a 400-step run's EMA then tracks its last
   # steps instead of averaging in the first ones. False: the constant decay.
   optim.ema_warmup = True
+  # Post-hoc EMA (EDM2, Karras et al. 2024; diffusion_jax/posthoc_ema.py):
+  # power-function EMAs of these relative lengths sigma_rel are tracked
+  # beside ema_decay's and saved to workdir/ema_snapshots/ every
+  # snapshot_every_steps steps (a multiple of steps_per_call) and at the
+  # last; any sigma_rel in (0, 0.288675] is reconstructed from them after
+  # training. () = off; EDM2 tracks (0.05, 0.1).
+  config.posthoc_ema = posthoc = ml_collections.ConfigDict()
+  posthoc.sigma_rels = ()
+  posthoc.snapshot_every_steps = 0
 
   # Training loop (diffusion_jax/trainer.py).
   config.batch_size = 64  # global, over all devices and hosts.
@@ -123,11 +143,31 @@ def get_config() -> ml_collections.ConfigDict:
   # Continuous processes: 'euler' or 'heun' (probability-flow ODE; rectified
   # flow's sampler), 'euler_maruyama' (reverse SDE) or 'pc' (predictor-
   # corrector with Langevin steps), vp/ve only for the last two.
+  # Every process, through the noise levels sigma~ = sigma_t / alpha_t:
+  # 'edm' (EDM's Heun sampler, Algorithm 2; 2 num_steps - 1 network calls),
+  # 'dpm_solver_pp' (DPM-Solver++ 2M/3M), 'dpm_solver_pp_sde' (its SDE
+  # variant), 'unipc' (UniPC); one network call per step.
   sample.sampler = 'ddim'
   sample.num_steps = 50  # 0: all diffusion.num_timesteps steps
   sample.ddim_eta = 0.0  # DDIM only: 0 deterministic, 1 ~ DDPM (beta~)
   sample.snr = 0.16  # pc: Langevin signal-to-noise ratio (score_sde)
   sample.corrector_steps = 1  # pc: Langevin steps per predictor step
+  # edm, dpm_solver_pp(_sde), unipc: the noise levels visited, from
+  # sigma_max down to sigma_min (0: the process's own range; EDM's models
+  # 0.002..80), spaced 'karras' (EDM eq. 5 with rho), 'logsnr' or 'time'
+  # (uniform in the process's t, as DDIM); then one last step to the data.
+  sample.spacing = 'karras'
+  sample.rho = 7.0
+  sample.sigma_min = 0.0
+  sample.sigma_max = 0.0
+  sample.solver_order = 2  # dpm_solver_pp(_sde), unipc: 1, 2 (2M) or 3
+  sample.unipc_variant = 'bh2'  # B(h) = e^h - 1 ('bh2') or h ('bh1')
+  # edm: stochastic churn (EDM Algorithm 2; 0: deterministic Heun). Noise is
+  # added at sigma in [s_tmin, s_tmax] (s_tmax 0: no upper limit).
+  sample.s_churn = 0.0
+  sample.s_tmin = 0.0
+  sample.s_tmax = 0.0
+  sample.s_noise = 1.0
   # Continuous processes: sampling integrates from t = 1 down to this t,
   # then (vp/ve) returns the denoised x0_hat there, as score_sde's noise
   # removal. 0 = score_sde's choice: 1e-3 for vp, else diffusion.t_min.
@@ -140,6 +180,17 @@ def get_config() -> ml_collections.ConfigDict:
   # progressive.png (DDPM sec. 4.3), e.g. (999, 750, 500, 250, 100, 0).
   sample.progressive_timesteps = ()
   sample.progressive_num_images = 8  # rows of that figure
+
+  # Distillation (config.method 'progressive_distillation'; methods/
+  # distillation.py): the teacher is another run's EMA parameters.
+  config.distill = distill = ml_collections.ConfigDict()
+  distill.teacher_workdir = ''  # the teacher run's work directory
+  distill.teacher_step = 0  # its checkpoint step; 0: the newest
+  # Progressive distillation (Salimans & Ho 2022): the student samples in
+  # student_steps deterministic DDIM steps, each learnt from two of the
+  # teacher's (which samples in 2 student_steps); halve it stage by stage,
+  # each stage's teacher_workdir being the previous stage's run.
+  distill.student_steps = 0
 
   # Scale-out throughput knobs (diffusion_jax/trainer.py, methods/base.py).
   # Both leave the trained params unchanged (up to float summation order;

@@ -132,14 +132,16 @@ class Checkpointer:
           f'checkpoint step {step} in {self.directory} has no input-pipeline '
           'position (its data/ item is missing): it is incomplete.')
     target = abstract_state
-    # Train states gained an optional field (loss_history, None unless t is
-    # importance-sampled); checkpoints written before it lack the key.
-    # Restore those as a dict of the fields they have.
-    legacy = (getattr(abstract_state, 'loss_history', 0) is None and
-              'loss_history' not in meta)
+    # Train states gained optional fields (loss_history, None unless t is
+    # importance-sampled; power_ema, None unless post-hoc EMA is tracked);
+    # checkpoints written before one lack its key. Restore those as a dict
+    # of the fields they have.
+    missing = [f for f in ('loss_history', 'power_ema')
+               if getattr(abstract_state, f, 0) is None and f not in meta]
+    legacy = bool(missing)
     if legacy:
       target = {k: v for k, v in vars(abstract_state).items()
-                if k != 'loss_history'}
+                if k not in missing}
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target),

@@ -26,13 +26,17 @@ POSITIVE = (
     'optim.adam_eps', 'diffusion.beta_start',
     'diffusion.beta_end', 'diffusion.vp_beta_min', 'diffusion.vp_beta_max',
     'diffusion.ve_sigma_min', 'diffusion.ve_sigma_max',
-    'diffusion.logit_normal_std', 'sample.snr')
+    'diffusion.logit_normal_std', 'sample.snr', 'diffusion.edm_sigma_min',
+    'diffusion.edm_sigma_max', 'diffusion.edm_p_std', 'sample.rho',
+    'sample.s_noise', 'sample.solver_order')
 NON_NEGATIVE = (
     'sample_grid.every_steps', 'sample_quality.every_steps',
     'sample_quality.num_samples', 'sample_quality.floor_seeds',
     'sample.num_steps', 'sample.corrector_steps', 'sample.ddim_eta',
     'sample.guidance_scale', 'sample.t_min', 'diffusion.t_min',
     'optim.learning_rate', 'optim.warmup_steps', 'optim.grad_clip_norm',
+    'sample.sigma_min', 'sample.sigma_max', 'sample.s_churn',
+    'sample.s_tmin', 'sample.s_tmax',
     'data.prefetch',
     'model.num_classes')
 # key: (low, high, high included)
@@ -50,11 +54,17 @@ INTERVALS = {
 # the registry itself in experiment.build and the method's from_config.
 CHOICES = {
     'model.dtype': ('float32', 'bfloat16', 'float16'),
+    'sample.spacing': ('karras', 'logsnr', 'time'),
+    'sample.solver_order': (1, 2, 3),
+    'sample.unipc_variant': ('bh1', 'bh2'),
 }
 # Why keep_checkpoints must be >= 1: Orbax's max_to_keep=0 deletes every
 # checkpoint of the work directory, old ones included (issue 18).
 KEEP_CHECKPOINTS_FIX = ('must be >= 1 (0 would delete every checkpoint of '
                         'the work directory, old ones included)')
+# The widest post-hoc EMA (posthoc_ema.py): sigma_rel at gamma = 0, a uniform
+# average of the whole run, sqrt(1) / (2 sqrt(3)) by EDM2 eq. 123.
+POSTHOC_SIGMA_REL_MAX = 1.0 / (2.0 * math.sqrt(3.0))
 
 
 def _get(config, key):
@@ -106,16 +116,22 @@ def check(config, mode: str = 'train') -> None:
   del mode  # every mode checks every value (issue 18)
   _check_pairs(config)
   _check_model(config)
+  _check_posthoc_ema(config)
 
 
 def _check_pairs(config):
   """Values that must be ordered or fit each other."""
   pairs = (('diffusion.beta_start', 'diffusion.beta_end'),
            ('diffusion.vp_beta_min', 'diffusion.vp_beta_max'),
-           ('diffusion.ve_sigma_min', 'diffusion.ve_sigma_max'))
+           ('diffusion.ve_sigma_min', 'diffusion.ve_sigma_max'),
+           ('diffusion.edm_sigma_min', 'diffusion.edm_sigma_max'),
+           # 0 is "none" for the sample keys: the process's own / no limit.
+           ('sample.sigma_min', 'sample.sigma_max'),
+           ('sample.s_tmin', 'sample.s_tmax'))
   for low_key, high_key in pairs:
     low, high = _get(config, low_key), _get(config, high_key)
-    if low is not None and high is not None and low > high:
+    if low is not None and high is not None and low > high and not (
+        high_key.startswith('sample.') and high == 0):
       raise ConfigError(f'config.{low_key}={low!r} is above config.{high_key}'
                         f'={high!r}: swap them or lower config.{low_key}')
   label, classes = (_get(config, 'sample.class_label'),
@@ -143,3 +159,31 @@ def _check_model(config):
           f'channels of a level (config.model.ch={ch} x ch_mult {m}): '
           'GroupNorm needs a divisor of every level\'s channels, e.g. '
           f'{math.gcd(*[ch * k for k in mult])}')
+
+
+def _check_posthoc_ema(config):
+  """Tracked profiles in the range posthoc_ema.py can reconstruct from, and
+  a snapshot interval the loop can keep."""
+  sigma_rels = _get(config, 'posthoc_ema.sigma_rels')
+  every = _get(config, 'posthoc_ema.snapshot_every_steps')
+  if sigma_rels is None:
+    return
+  for value in sigma_rels:
+    if not 0 < _number('posthoc_ema.sigma_rels', value) <= (
+        POSTHOC_SIGMA_REL_MAX):
+      raise ConfigError(
+          f'config.posthoc_ema.sigma_rels={tuple(sigma_rels)!r}: each must be '
+          f'in (0, {POSTHOC_SIGMA_REL_MAX:.6f}] ({POSTHOC_SIGMA_REL_MAX:.6f}: '
+          'the plain average of the whole run); EDM2 tracks (0.05, 0.1)')
+  if not sigma_rels or every is None:
+    return
+  k = _get(config, 'steps_per_call') or 1
+  if isinstance(every, bool) or not isinstance(every, int) or every <= 0 or (
+      every % k):
+    raise ConfigError(
+        f'config.posthoc_ema.snapshot_every_steps={every!r} must be a '
+        f'positive multiple of config.steps_per_call={k} when '
+        'config.posthoc_ema.sigma_rels is set (the reconstruction needs '
+        'snapshots spread over the run): set it, e.g. to num_train_steps / '
+        '20, or set sigma_rels=() to turn tracking off')
+

@@ -79,12 +79,13 @@ class Experiment:
   def init_state(self, rng: jax.Array | None = None):
     """A fresh train state, replicated over the mesh (rng: key(seed))."""
     rng = jax.random.key(self.seed) if rng is None else rng
+    self.method.prepare()
     return jax.jit(self.method.init,
                    out_shardings=parallel.replicated(self.mesh))(rng)
 
   def abstract_state(self):
     """Shapes, dtypes and (replicated) shardings of the state, no compute."""
-    shapes = jax.eval_shape(self.method.init, jax.random.key(0))
+    shapes = self.method.abstract_init()
     repl = parallel.replicated(self.mesh)
     return jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),

@@ -1,5 +1,5 @@
-"""The one-optimizer train state (params, EMA params, optimizer state, step),
-the optimizer and its learning-rate schedule."""
+"""The one-optimizer train state (params, EMA params, optimizer state, step,
+optional power EMAs), the optimizer and its learning-rate schedule."""
 
 from typing import Any
 
@@ -22,6 +22,10 @@ class TrainState:
   # sampled; None if it has none. Named before methods existed and kept so,
   # since the name is part of every checkpoint's tree.
   loss_history: Any = None
+  # Post-hoc EMA (posthoc_ema.py): a tuple of param trees, the power-function
+  # EMAs of config.posthoc_ema.sigma_rels; None when not tracked, so states
+  # and checkpoints without it are unchanged.
+  power_ema: Any = None
 
 
 def learning_rate_schedule(optim_config: ml_collections.ConfigDict):

@@ -22,7 +22,8 @@ import numpy as np
 import optax
 import tqdm
 
-from diffusion_jax import checkpointing, experiment, parallel, report
+from diffusion_jax import checkpointing, experiment, parallel, posthoc_ema
+from diffusion_jax import report
 from diffusion_jax import visualization
 from diffusion_jax import errors
 from diffusion_jax.experiment import GRID_STREAM, Experiment
@@ -207,6 +208,7 @@ def _train(exp: Experiment, workdir: str, checkpointer):
   bar = tqdm.tqdm(total=num_steps, initial=start_step, unit='step',
                   dynamic_ncols=True, disable=jax.process_index() > 0,
                   desc='train')
+  snapshots = posthoc_ema.SnapshotWriter.create(exp, workdir)  # None: off
   pending, first_pending, previous = [], start_step, None
   t_last = time.perf_counter()
   eta_logged, timing_start, preempted = False, None, False
@@ -265,6 +267,8 @@ def _train(exp: Experiment, workdir: str, checkpointer):
                 f'{_kept_checkpoint(checkpointer)}lower '
                 'config.optim.learning_rate and rerun.')
           checkpointer.save(done, state, train_iter.get_state())
+        if snapshots:
+          snapshots.after_step(state, done, is_last)
         if preempted:
           break
         if grid_noise is not None and (

@@ -42,18 +42,23 @@ def np_target(kind, prediction, x0, eps, t):
   a, s = np_alpha_sigma(kind, t)
   da, ds = np_derivatives(kind, t)
   a, s, da, ds = (v.reshape(-1, *[1] * (x0.ndim - 1)) for v in (a, s, da, ds))
+  st, d = s / a, denoiser.SIGMA_DATA  # EDM's F (Table 1), independently
+  edm = (st * x0 - d * d * eps) / (d * np.sqrt(st * st + d * d))
   return {'eps': eps, 'x0': x0, 'v': a * eps - s * x0,
-          'velocity': da * x0 + ds * eps}[prediction]
+          'velocity': da * x0 + ds * eps, 'edm': edm}[prediction]
 
 
 def gaussian_model(process, prediction):
   """The optimal network for x0 ~ N(MU, S^2 I): x0_hat = E[x0 | x_t] (the
   Gaussian posterior mean), eps_hat = (x_t - alpha x0_hat) / sigma, returned
   as `prediction` through denoiser.target."""
-  def model_fn(x_t, t):
+  def model_fn(inp, t):
     alpha, sigma = process.alpha_sigma(t)
-    a = alpha.reshape(-1, *[1] * (x_t.ndim - 1))
+    a = alpha.reshape(-1, *[1] * (inp.ndim - 1))
     s = sigma.reshape(a.shape)
+    # An 'edm' network sees c_in x~ = x_t / sqrt(sigma^2 + alpha^2 sd^2).
+    x_t = inp if prediction != 'edm' else inp * jnp.sqrt(
+        s * s + a * a * denoiser.SIGMA_DATA ** 2)
     x0_hat = MU + a * S ** 2 * (x_t - a * MU) / (a * a * S ** 2 + s * s)
     eps_hat = (x_t - a * x0_hat) / s
     return denoiser.target(process, prediction, x0_hat, eps_hat, t)
@@ -226,7 +231,8 @@ def test_targets_and_their_inverses_are_exact(kind, prediction):
   # prediction, 1/sigma when eps comes from an x0 prediction.
   a_, s_ = a[:, None, None, None], s[:, None, None, None]
   x0_scale = (1 + s_) / a_ if prediction == 'eps' else 1 + s_
-  eps_scale = (1 + s_) / s_ if prediction == 'x0' else 1.0
+  # (edm gives x0 first, like x0: eps then carries the 1/sigma.)
+  eps_scale = (1 + s_) / s_ if prediction in ('x0', 'edm') else 1.0
   assert np.all(np.abs(x0_hat - x0) <= 1e-5 * x0_scale)
   assert np.all(np.abs(eps_hat - eps) <= 1e-5 * eps_scale)
   np.testing.assert_allclose(a_ * x0_hat + s_ * eps_hat, x_t, rtol=1e-5,
@@ -262,8 +268,11 @@ def test_loss_of_the_optimal_model_is_the_closed_form_minimum(kind,
   t64 = np.float64(t)
   a, s = np_alpha_sigma(kind, t64)
   da, ds = np_derivatives(kind, t64)
+  st, d = s / a, denoiser.SIGMA_DATA
+  root = np.sqrt(st * st + d * d)
   c_x, c_e = {'eps': (0.0, 1.0), 'x0': (1.0, 0.0), 'v': (-s, a),
-              'velocity': (da, ds)}[prediction]
+              'velocity': (da, ds), 'edm': (st / (d * root), -d / root)
+              }[prediction]
   posterior_var = S ** 2 * s ** 2 / (a ** 2 * S ** 2 + s ** 2)
   # Per example, the residual is Gaussian with variance w, so its square
   # has mean w and variance 2 w^2: the mean over examples and the 2 data
@@ -272,12 +281,13 @@ def test_loss_of_the_optimal_model_is_the_closed_form_minimum(kind,
   standard_error = np.sqrt(np.sum(2 * w ** 2) / x0.shape[1]) / w.size
   assert abs(loss - np.mean(w)) < 5 * standard_error
   # The loss is the plain mean square against the numpy target.
+  # (An 'edm' network sees x_t / sqrt(sigma^2 + alpha^2 sigma_data^2).)
   half = lambda x, t: 0.5 * x
+  seen = np.float64(denoiser.q_sample(process, x0, t, noise))
+  if prediction == 'edm':
+    seen /= np.sqrt(s * s + a * a * d * d)[:, None]
   want = np.mean((np_target(kind, prediction, np.float64(x0),
-                            np.float64(noise), t64)
-                  - 0.5 * np.float64(denoiser.q_sample(process, x0, t,
-                                                       noise)))
-                 ** 2)
+                            np.float64(noise), t64) - 0.5 * seen) ** 2)
   assert float(losses.mse_loss(half, process, prediction, x0, t, noise)
                ) == pytest.approx(want, rel=1e-3)
   # Any other model does worse.
@@ -339,8 +349,9 @@ def test_every_prediction_gives_the_same_ode_path(z, kind):
   to_x0_eps the sampler sees the same (x0_hat, eps_hat) and so takes the same
   path (rectified flow rejects eps, see test_sampler_errors)."""
   process = sde.Process(kind)
+  # (eps and edm are singular at rectified flow's t = 1, where alpha = 0.)
   predictions = [p for p in denoiser.PREDICTIONS
-                 if not (kind == 'rectified_flow' and p == 'eps')]
+                 if not (kind == 'rectified_flow' and p in ('eps', 'edm'))]
   outs = [run(process, z[:8], None, sampler='heun', num_steps=50,
               prediction=p) for p in predictions]
   for out in outs[1:]:

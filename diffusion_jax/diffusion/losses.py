@@ -71,7 +71,8 @@ def mse_per_example(prediction: str, network_fn: NetworkFn, process,
   process and prediction (denoiser.target)."""
   x_t = denoiser.q_sample(process, x0, t, noise)
   want = denoiser.target(process, prediction, x0, noise, t)
-  return _mean_per_example(jnp.square(want - network_fn(x_t, t)))
+  out = network_fn(denoiser.network_input(process, prediction, x_t, t), t)
+  return _mean_per_example(jnp.square(want - out))
 
 
 def mse_loss(network_fn: NetworkFn, process, prediction: str, x0: jax.Array,
@@ -208,11 +209,23 @@ def check_config(diffusion_config) -> None:
                      f'one of {LOSSES}')
   discrete = d.process == 'ddpm'
   denoiser.check_prediction(prediction, discrete)
+  if d.process == 'rectified_flow' and prediction == 'edm':
+    raise ValueError(
+        "config.diffusion.prediction='edm' scales by sigma / alpha, infinite "
+        "at rectified flow's t = 1 (alpha = 0): predict 'velocity', 'v' or "
+        "'x0' there, or use process 'edm' or 'vp' for the preconditioning")
   if learns_variance(name) and (not discrete or prediction != 'eps'):
     raise ValueError(
         f'config.diffusion.loss={name!r} trains a learned variance of the '
         "discrete process: it needs config.diffusion.process='ddpm' and "
         "config.diffusion.prediction='eps'")
+  if d.process == 'edm':
+    if sampling != 'log_normal':
+      raise ValueError(
+          f'config.diffusion.time_sampling={sampling!r}: the edm process '
+          "draws its noise levels log-normally: set it to 'log_normal' "
+          '(ln sigma ~ N(edm_p_mean, edm_p_std^2), EDM sec. 5)')
+    return
   if not discrete:
     if sampling not in sde.TIME_SAMPLING:
       raise ValueError(

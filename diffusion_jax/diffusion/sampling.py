@@ -6,9 +6,16 @@
   euler, heun     the probability-flow ODE                        continuous
   euler_maruyama  the reverse SDE (vp, ve)                        continuous
   pc              predictor-corrector with Langevin steps (vp, ve) continuous
+  edm             EDM's Heun sampler with churn (Algorithm 2)     every process
+  dpm_solver_pp   DPM-Solver++ 2M / 3M (Lu et al. 2022)           every process
+  dpm_solver_pp_sde  its SDE variant (2M)                         every process
+  unipc           UniPC (Zhao et al. 2023)                        every process
 
-Every sampler sees the network through one `denoiser.DenoiseFn`; the choice
-is checked once (`check`) before anything is compiled.
+The last four run in EDM's coordinates x~ = x_t / alpha_t over a grid of
+noise levels sigma~ (sigma_grid.py), so they sample a model of any process,
+the edm process included (whose time is sigma itself). Every sampler sees
+the network through one `denoiser.DenoiseFn`; the choice is checked once
+(`check`) before anything is compiled.
 """
 
 import dataclasses
@@ -17,7 +24,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.diffusion import samplers, sde, sde_samplers
+from diffusion_jax.diffusion import edm, multistep, samplers, sde
+from diffusion_jax.diffusion import sde_samplers, sigma_grid
 from diffusion_jax.diffusion.denoiser import DenoiseFn
 
 
@@ -32,21 +40,47 @@ class SampleSettings:
   snr: float = 0.16  # pc
   corrector_steps: int = 1  # pc
   t_min: float = 0.0  # continuous: where sampling stops (0: the default)
+  # The sigma samplers (edm, dpm_solver_pp, unipc): sigma_grid.make_grid.
+  spacing: str = 'karras'
+  rho: float = 7.0
+  sigma_min: float = 0.0  # 0: the process's own
+  sigma_max: float = 0.0
+  solver_order: int = 2
+  unipc_variant: str = 'bh2'
+  churn: edm.Churn = edm.Churn()
 
   @classmethod
   def from_config(cls, config) -> 'SampleSettings':
     s, d = config.sample, config.diffusion
-    continuous = d.process != 'ddpm'
+    continuous = d.process != 'ddpm' or s.sampler in SIGMA_SAMPLERS
     return cls(sampler=s.sampler,
                num_steps=(s.num_steps or d.num_timesteps) if continuous
                else s.num_steps,
                ddim_eta=s.ddim_eta, variance=d.sampler_variance,
                clip_denoised=d.clip_denoised, snr=s.snr,
-               corrector_steps=s.corrector_steps, t_min=s.t_min)
+               corrector_steps=s.corrector_steps, t_min=s.t_min,
+               spacing=s.spacing, rho=s.rho, sigma_min=s.sigma_min,
+               sigma_max=s.sigma_max, solver_order=s.solver_order,
+               unipc_variant=s.unipc_variant,
+               churn=edm.Churn(s_churn=s.s_churn, s_tmin=s.s_tmin,
+                               s_tmax=s.s_tmax or float('inf'),
+                               s_noise=s.s_noise))
+
+  def grid(self, process) -> sigma_grid.SigmaGrid:
+    """The noise levels a sigma sampler visits."""
+    return sigma_grid.make_grid(process, self.num_steps,
+                                spacing=self.spacing, rho=self.rho,
+                                sigma_min=self.sigma_min,
+                                sigma_max=self.sigma_max)
+
+
+# The samplers that run over sigma_grid's noise levels, for every process.
+SIGMA_SAMPLERS = ('edm', 'dpm_solver_pp', 'dpm_solver_pp_sde', 'unipc')
 
 
 class Sampler(NamedTuple):
-  discrete: bool  # which family of processes it applies to
+  # process -> whether the sampler applies to it
+  applies: Callable
   # (denoise_fn, process, x_T, rng, settings, x0_at) -> images
   run: Callable
 
@@ -65,7 +99,11 @@ def _discrete(name):
                            num_steps=s.num_steps, eta=s.ddim_eta,
                            variance=s.variance,
                            clip_denoised=s.clip_denoised, x0_at=x0_at)
-  return Sampler(discrete=True, run=run)
+  return Sampler(applies=lambda p: p.is_discrete, run=run)
+
+
+def _on_unit_interval(process) -> bool:
+  return not process.is_discrete and process.kind in sde.PROCESSES
 
 
 def _continuous(name):
@@ -78,19 +116,64 @@ def _continuous(name):
         corrector_steps=s.corrector_steps,
         denoise=process.kind != 'rectified_flow')
     return jnp.clip(out, -1.0, 1.0) if s.clip_denoised else out
-  return Sampler(discrete=False, run=run)
+  return Sampler(applies=_on_unit_interval, run=run)
+
+
+def _edm(denoise_fn, process, x_T, rng, s: SampleSettings, x0_at=()):
+  if x0_at:
+    raise ValueError('progressive_timesteps need the ddpm sampler')
+  out = edm.edm_sample(denoise_fn, process, s.grid(process), x_T, rng,
+                       s.churn)
+  return jnp.clip(out, -1.0, 1.0) if s.clip_denoised else out
+
+
+def _multistep(name):
+  def run(denoise_fn, process, x_T, rng, s: SampleSettings, x0_at=()):
+    if x0_at:
+      raise ValueError('progressive_timesteps need the ddpm sampler')
+    grid = s.grid(process)
+    if name == 'unipc':
+      out = multistep.unipc_sample(denoise_fn, process, grid, x_T, rng,
+                                   order=s.solver_order,
+                                   variant=s.unipc_variant)
+    else:
+      out = multistep.dpm_solver_pp_sample(
+          denoise_fn, process, grid, x_T, rng, order=s.solver_order,
+          sde=name == 'dpm_solver_pp_sde')
+    return jnp.clip(out, -1.0, 1.0) if s.clip_denoised else out
+  return Sampler(applies=lambda p: True, run=run)
+
+
+def network_calls(process, s: SampleSettings) -> int:
+  """How many times the sampler of `s` calls the network per image
+  (classifier-free guidance doubles each call's batch, not the count)."""
+  if s.sampler == 'edm':
+    return edm.network_calls(s.grid(process))
+  if s.sampler in SIGMA_SAMPLERS:
+    return s.grid(process).num_steps
+  if s.sampler in ('ddpm', 'ddim'):
+    return len(samplers.spaced_timesteps(process.num_timesteps, s.num_steps))
+  per_step = {'euler': 1, 'heun': 2, 'euler_maruyama': 1,
+              'pc': 1 + s.corrector_steps}[s.sampler]
+  calls = per_step * s.num_steps
+  if s.sampler == 'heun' and process.t_min == 0:
+    calls -= 1  # the last step is Euler (sde_samplers.ode_sample)
+  denoise = process.kind != 'rectified_flow' or process.t_min > 0
+  return calls + int(denoise)
 
 
 SAMPLERS = {
     'ddpm': _discrete('ddpm'),
     'ddim': _discrete('ddim'),
     **{name: _continuous(name) for name in sde_samplers.SAMPLERS},
+    'edm': Sampler(applies=lambda p: True, run=_edm),
+    **{name: _multistep(name)
+       for name in ('dpm_solver_pp', 'dpm_solver_pp_sde', 'unipc')},
 }
 
 
 def names_for(process) -> tuple[str, ...]:
-  return tuple(n for n, s in SAMPLERS.items()
-               if s.discrete == process.is_discrete)
+  return tuple(n for n, s in SAMPLERS.items() if s.applies(process))
 
 
 def check(process, prediction: str, s: SampleSettings) -> None:
@@ -99,15 +182,36 @@ def check(process, prediction: str, s: SampleSettings) -> None:
   if s.sampler not in SAMPLERS:
     raise ValueError(f'unknown sampler {s.sampler!r}: set '
                      f'config.sample.sampler to one of {tuple(SAMPLERS)}')
-  if SAMPLERS[s.sampler].discrete != process.is_discrete:
+  if not SAMPLERS[s.sampler].applies(process):
     kind = 'ddpm' if process.is_discrete else process.kind
     raise ValueError(
         f'config.sample.sampler={s.sampler!r} does not apply to the '
         f'process {kind!r}: use one of {names_for(process)}')
-  if process.is_discrete:
+  if s.sampler in SIGMA_SAMPLERS:
+    if s.num_steps < 1:
+      raise ValueError(f'config.sample.num_steps={s.num_steps}: the '
+                       f'{s.sampler} sampler needs >= 1 noise level')
+    if process.is_discrete and s.num_steps > process.num_timesteps:
+      raise ValueError(
+          f'config.sample.num_steps={s.num_steps} is more than the '
+          f'{process.num_timesteps} noise levels of the ddpm schedule: '
+          f'use at most {process.num_timesteps}')
+    s.churn.check()
+    if s.sampler != 'edm':
+      multistep.check_settings(s.sampler, s.solver_order, s.unipc_variant)
+    grid = s.grid(process)  # checks sigma_min/max and the spacing
+    if s.sampler == 'edm' and grid.num_steps < 1:
+      raise ValueError('config.sample.num_steps gives no noise level')
+  elif process.is_discrete:
     samplers.check_variance(s.variance)
     if s.num_steps < 0:
       raise ValueError('config.sample.num_steps must be >= 0 (0: all steps)')
+    if s.num_steps > process.num_timesteps:
+      raise ValueError(
+          f'config.sample.num_steps={s.num_steps} is more than the '
+          f'{process.num_timesteps} steps of the ddpm schedule '
+          '(config.diffusion.num_timesteps): use at most that, or 0 for '
+          'every step')
   else:
     sde_samplers.check_sample_args(sampling_process(process, s.t_min),
                                    prediction, s.sampler, s.num_steps)

@@ -9,8 +9,12 @@ from typing import Callable
 
 from diffusion_jax.methods.base import Method, OneOptimizerMethod
 from diffusion_jax.methods.diffusion import DiffusionMethod
+from diffusion_jax.methods.distillation import ProgressiveDistillation
 
-METHODS: dict[str, Callable] = {'diffusion': DiffusionMethod.from_config}
+METHODS: dict[str, Callable] = {
+    'diffusion': DiffusionMethod.from_config,
+    'progressive_distillation': ProgressiveDistillation.from_config,
+}
 
 
 def register(name: str, build: Callable) -> None:
@@ -25,5 +29,6 @@ def create_method(config) -> Method:
   return METHODS[config.method](config)
 
 
-__all__ = ['Method', 'OneOptimizerMethod', 'DiffusionMethod', 'METHODS',
+__all__ = ['Method', 'OneOptimizerMethod', 'DiffusionMethod',
+           'ProgressiveDistillation', 'METHODS',
            'register', 'create_method']

@@ -7,7 +7,8 @@ call only what `Method` declares:
 
   init(rng) -> state              networks, their init and optimizer states;
                                   a pytree with an int `step` (checkpointed
-                                  whole).
+                                  whole); `prepare()` runs first, outside
+                                  jit, for any files init reads.
   train_step(state, batch)        pure; -> (state, metrics of scalars).
   sample_params(state)            the parameters to sample and evaluate with
                                   (the EMA ones).
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from diffusion_jax import posthoc_ema
 from diffusion_jax.train_state import TrainState, create_train_state, ema_update
 
 
@@ -53,6 +55,16 @@ class Method(abc.ABC):
     'loss' is shown on the progress bar, 'learning_rate' is logged as its
     last value and every other metric as its mean over the logging interval.
     """
+
+  def prepare(self) -> None:
+    """Reads what `init` needs from outside the process (a distillation
+    student's teacher checkpoint); called once, outside jit, before `init`."""
+
+  def abstract_init(self) -> Any:
+    """The shapes and dtypes of `init`'s state, without computing it (what
+    a checkpoint is restored onto). A method whose init reads files (a
+    distillation student's teacher) derives them from its networks instead."""
+    return jax.eval_shape(self.init, jax.random.key(0))
 
   def sample_params(self, state: Any) -> Any:
     """What `sample` and `log_likelihood` take: the EMA parameters."""
@@ -113,6 +125,10 @@ class OneOptimizerMethod(Method):
   `draw` (per-example randomness for the whole batch) and the auxiliary
   state hooks are optional.
 
+  With power_ema_sigma_rels, the state also tracks one power-function EMA
+  per sigma_rel (EDM2's post-hoc EMA, posthoc_ema.py) beside the classic
+  one, which stays what `sample_params` returns.
+
   With grad_accum_steps = m > 1 the batch is split into m micro-batches (a
   lax.scan), their gradients averaged, then one optimizer update. Whatever
   `draw` returns is drawn for the whole batch first and sliced, so with no
@@ -123,13 +139,17 @@ class OneOptimizerMethod(Method):
 
   def __init__(self, *, optimizer: optax.GradientTransformation,
                learning_rate_fn, ema_decay: float, seed: int,
-               grad_accum_steps: int = 1, ema_warmup: bool = False):
+               grad_accum_steps: int = 1, ema_warmup: bool = False,
+               power_ema_sigma_rels: tuple[float, ...] = ()):
     self.optimizer = optimizer
     self.learning_rate_fn = learning_rate_fn
     self.ema_decay = ema_decay
     self.ema_warmup = ema_warmup
     self.seed = seed
     self.grad_accum_steps = grad_accum_steps
+    self.power_ema_sigma_rels = tuple(float(s) for s in power_ema_sigma_rels)
+    self.power_ema_gammas = tuple(posthoc_ema.gamma_from_sigma_rel(s)
+                                  for s in self.power_ema_sigma_rels)
 
   def _ema_decay_at(self, step):
     """With ema_warmup, min(decay, (1 + n) / (10 + n)) at update n (TF's
@@ -168,8 +188,16 @@ class OneOptimizerMethod(Method):
     return aux_state
 
   def init(self, rng: jax.Array) -> TrainState:
-    return create_train_state(self.init_params(rng), self.optimizer,
-                              self.init_aux_state())
+    return self.state_from(self.init_params(rng), self.init_aux_state())
+
+  def state_from(self, params: Any, aux_state: Any) -> TrainState:
+    """A fresh train state around given parameters (step 0, the EMAs
+    equal to them, a fresh optimizer state)."""
+    state = create_train_state(params, self.optimizer, aux_state)
+    if self.power_ema_gammas:  # overwritten by the first update (beta_1 = 0)
+      state = state.replace(power_ema=tuple(
+          params for _ in self.power_ema_gammas))
+    return state
 
   def train_step(self, state: TrainState, batch: Any):
     # RNG from (seed, step): a resumed run draws the same numbers.
@@ -201,7 +229,9 @@ class OneOptimizerMethod(Method):
         step=state.step + 1, params=params, opt_state=opt_state,
         ema_params=ema_update(state.ema_params, params,
                               self._ema_decay_at(state.step)),
-        loss_history=self.update_aux_state(state.loss_history, xs, values))
+        loss_history=self.update_aux_state(state.loss_history, xs, values),
+        power_ema=posthoc_ema.power_ema_update(
+            state.power_ema, params, state.step + 1, self.power_ema_gammas))
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
                'learning_rate': self.learning_rate_fn(state.step)}
     return new_state, metrics

@@ -28,8 +28,8 @@ class DiffusionMethod(OneOptimizerMethod):
   (num_classes > 0), whose labels are replaced by the null class with
   probability label_dropout (classifier-free guidance, Ho & Salimans 2022).
   t is drawn per example: uniformly, importance-sampled from the loss
-  history in the state (ddpm with hybrid/vlb), or logit-normal (continuous
-  processes); under importance sampling each example's loss is weighted by
+  history in the state (ddpm with hybrid/vlb), logit-normal (continuous
+  processes) or log-normal in sigma (edm); under importance sampling each example's loss is weighted by
   1 / (T p_t).
   """
 
@@ -93,7 +93,9 @@ class DiffusionMethod(OneOptimizerMethod):
         learning_rate_fn=learning_rate_schedule(config.optim),
         ema_decay=config.optim.ema_decay, seed=config.seed,
         ema_warmup=config.optim.ema_warmup,
-        grad_accum_steps=config.grad_accum_steps)
+        grad_accum_steps=config.grad_accum_steps,
+        power_ema_sigma_rels=(config.posthoc_ema.sigma_rels
+                              if 'posthoc_ema' in config else ()))
 
   def describe(self) -> str:
     kind = 'ddpm' if self.process.is_discrete else self.process.kind
@@ -131,6 +133,10 @@ class DiffusionMethod(OneOptimizerMethod):
       t, noise = losses.draw_t_and_noise(self.process, images, t_rng, probs)
       if self.importance:
         weights = self.importance.weights(probs, t)
+    elif self.process.kind == 'edm':
+      time_rng, noise_rng = jax.random.split(t_rng)
+      t = self.process.sample_time(time_rng, n)
+      noise = jax.random.normal(noise_rng, images.shape, images.dtype)
     else:
       time_rng, noise_rng = jax.random.split(t_rng)
       t = sde.sample_time(time_rng, n, method=self.time_sampling,

@@ -1,0 +1,211 @@
+"""Progressive distillation (Salimans & Ho 2022) as a method.
+
+A student that samples in N deterministic DDIM steps learns, from a teacher
+that samples in 2N, to take two of the teacher's steps in one (Algorithm 2).
+Both step over the levels of one grid: level j of M = 2N has time
+t_j = j / M (continuous processes; t_j = j T / M - 1 for the discrete DDPM
+schedule, which needs T divisible by M), level 0 being the data (alpha 1,
+sigma 0). The student's levels are the even ones, so halving again
+(teacher = this stage's student) keeps the grid: 1024 -> 512 -> ... -> 4.
+
+Per example: level 2i (i uniform in 1..N), z = alpha x + sigma eps; two
+teacher DDIM steps 2i -> 2i-1 -> 2i-2; the target x~ is the x0 that one
+DDIM step from 2i would need to land on the same point,
+  x~ = (z'' - (sigma''/sigma) z) / (alpha'' - (sigma''/sigma) alpha),
+and the student is trained on w ||x0_hat - x~||^2 with the truncated-SNR
+weight w = max(alpha^2 / sigma^2, 1) (sec. 4). The student starts as a copy
+of the teacher (so predicts what it predicts; the paper's students predict
+v: eps fails at few steps, sec. 4), with a fresh optimizer and EMA.
+
+The teacher's parameters are part of the train state (its auxiliary slot),
+so a stage resumes exactly and its checkpoint samples without the teacher's
+run; the teacher run is read once, when the stage starts.
+"""
+
+import functools
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax import teacher as teacher_lib
+from diffusion_jax.diffusion import denoiser
+from diffusion_jax.methods.diffusion import DiffusionMethod
+
+
+class DistillationError(teacher_lib.TeacherError):
+  """A distillation stage that cannot work; the message says why."""
+
+
+def level_table(process, num_levels: int):
+  """(times (M+1,), alphas (M+1,), sigmas (M+1,)) of levels j = 0..M;
+  level 0 is the data (alpha 1, sigma 0), its time unused."""
+  j = np.arange(num_levels + 1)
+  if process.is_discrete:
+    steps = process.num_timesteps
+    if steps % num_levels:
+      raise DistillationError(
+          f'the teacher samples in {num_levels} steps over the ddpm '
+          f"schedule's {steps} (config.diffusion.num_timesteps), which they "
+          'do not divide: progressive distillation needs nested grids. Use a '
+          'continuous process (vp, rectified_flow) or num_timesteps '
+          f'divisible by {num_levels}')
+    times = np.maximum(j * (steps // num_levels) - 1, 0).astype(np.int32)
+    abar = np.asarray(process.alphas_cumprod, np.float64)[times]
+    alphas, sigmas = np.sqrt(abar), np.sqrt(1.0 - abar)
+  elif process.kind == 'edm':
+    raise DistillationError(
+        "progressive distillation runs over t in [0, 1]; the 'edm' process "
+        'has none: distil it with consistency distillation, or a vp teacher')
+  else:
+    times = (j / num_levels).astype(np.float32)
+    alphas, sigmas = (np.asarray(a, np.float64)
+                      for a in process.alpha_sigma(jnp.asarray(times)))
+  alphas, sigmas = alphas.copy(), sigmas.copy()
+  alphas[0], sigmas[0] = 1.0, 0.0
+  return times, alphas, sigmas
+
+
+def ddim_step(z, x0, alpha_t, sigma_t, alpha_s, sigma_s):
+  """DDIM (eta 0) from level t to s: alpha_s x0 + (sigma_s / sigma_t)
+  (z - alpha_t x0) (Song et al. 2021, eq. 12; x0 at s = data)."""
+  return alpha_s * x0 + (sigma_s / sigma_t) * (z - alpha_t * x0)
+
+
+class ProgressiveDistillation(DiffusionMethod):
+  """A student of config.distill.student_steps DDIM steps."""
+
+  name = 'progressive_distillation'
+
+  def setup_distillation(self, student_steps: int, load_teacher) -> None:
+    self.student_steps = student_steps
+    self._load_teacher = functools.cache(load_teacher)
+    times, alphas, sigmas = level_table(self.process, 2 * student_steps)
+    self.times = jnp.asarray(times)
+    self.alphas = jnp.asarray(alphas, jnp.float32)
+    self.sigmas = jnp.asarray(sigmas, jnp.float32)
+
+  @classmethod
+  def from_config(cls, config, **kwargs) -> 'ProgressiveDistillation':
+    n = config.distill.student_steps
+    if not n or n < 1:
+      raise DistillationError(
+          'config.distill.student_steps must be >= 1: the number of DDIM '
+          "steps the student samples in (half its teacher's)")
+    method = super().from_config(config, **kwargs)
+    method.setup_distillation(n, lambda: _checked_teacher(config, n))
+    return method
+
+  def describe(self) -> str:
+    return (f'progressive distillation: {2 * self.student_steps} -> '
+            f'{self.student_steps} DDIM steps, {self.prediction} student')
+
+  # -------------------------------------------------------------- state --
+
+  def prepare(self):
+    self._load_teacher()  # outside jit: init then closes over its arrays
+
+  def init_params(self, rng):
+    del rng  # the student starts as its teacher
+    return self._load_teacher().params
+
+  def init_aux_state(self):
+    return self._load_teacher().params
+
+  def abstract_init(self):
+    def shapes(rng):
+      params = DiffusionMethod.init_params(self, rng)
+      return self.state_from(params, params)
+    return jax.eval_shape(shapes, jax.random.key(0))
+
+  def update_aux_state(self, teacher_params, xs, values):
+    del xs, values
+    return teacher_params
+
+  # ----------------------------------------------------------- training --
+
+  def _at(self, table, level, x):
+    return denoiser.bcast(table[level], x)
+
+  def draw(self, batch, rng, teacher_params):
+    images, labels = batch if self.with_labels else (batch, None)
+    level_rng, noise_rng, label_rng = jax.random.split(rng, 3)
+    n = images.shape[0]
+    i = jax.random.randint(level_rng, (n,), 1, self.student_steps + 1)
+    noise = jax.random.normal(noise_rng, images.shape, images.dtype)
+    if self.with_labels:
+      drop = jax.random.bernoulli(label_rng, self.label_dropout, labels.shape)
+      labels = jnp.where(drop, self.num_classes, labels)
+    teach = denoiser.make_denoiser(self.network_fn(teacher_params, labels),
+                                   self.process, self.prediction)
+    coef = lambda level: (self._at(self.alphas, level, images),
+                          self._at(self.sigmas, level, images))
+    a, s = coef(2 * i)
+    z = a * images + s * noise
+    z1 = z
+    for level in (2 * i, 2 * i - 1):  # two teacher steps
+      a_t, s_t = coef(level)
+      a_s, s_s = coef(level - 1)
+      x0 = teach(z1, self.times[level]).x0
+      z1 = ddim_step(z1, x0, a_t, s_t, a_s, s_s)
+    a2, s2 = coef(2 * i - 2)
+    ratio = s2 / s
+    target = (z1 - ratio * z) / (a2 - ratio * a)
+    weight = jnp.maximum(jnp.square(self.alphas[2 * i] / self.sigmas[2 * i]),
+                         1.0)
+    return dict(z=z, t=self.times[2 * i], target=jax.lax.stop_gradient(target),
+                weights=weight, labels=labels)
+
+  def loss(self, params, xs, rng):
+    network_fn = self.network_fn(params, xs['labels'], train=True,
+                                 dropout_rng=rng)
+    x0 = denoiser.make_denoiser(network_fn, self.process,
+                                self.prediction)(xs['z'], xs['t']).x0
+    err = jnp.mean(jnp.square(x0 - xs['target']).reshape(x0.shape[0], -1),
+                   axis=1)
+    values = xs['weights'] * err
+    return jnp.mean(values), values
+
+  # ----------------------------------------------------------- sampling --
+
+  def sample(self, params, noise, rng):
+    """student_steps DDIM steps over the even levels, from sigma_M z."""
+    del rng  # deterministic
+    denoise = self.denoiser(params, noise.shape[0])
+    clip = self.sample_settings.clip_denoised
+
+    def step(z, k):
+      t, s = 2 * k, 2 * k - 2
+      x0 = denoise(z, jnp.full((z.shape[0],), self.times[t])).x0
+      if clip:
+        x0 = jnp.clip(x0, -1.0, 1.0)
+      return ddim_step(z, x0, self.alphas[t], self.sigmas[t], self.alphas[s],
+                       self.sigmas[s]), None
+
+    z = self.sigmas[-1] * noise
+    z, _ = jax.lax.scan(step, z, jnp.arange(self.student_steps, 0, -1))
+    return z
+
+  def sample_progressive(self, params, noise, rng, x0_at):
+    raise DistillationError('progressive_timesteps need the ddpm sampler; a '
+                            'distilled student samples with its own steps')
+
+
+def _checked_teacher(config, student_steps: int):
+  """The teacher run, checked: a distilled teacher must sample in twice
+  this student's steps."""
+  teacher = teacher_lib.load(config)
+  if teacher.config.get('method') == ProgressiveDistillation.name:
+    theirs = teacher.config.distill.student_steps
+    if theirs != 2 * student_steps:
+      raise DistillationError(
+          f'the teacher in {teacher.workdir} samples in {theirs} steps; this '
+          f'stage halves it: set config.distill.student_steps={theirs // 2}')
+  if config.diffusion.prediction == 'eps':
+    logging.warning('an eps-predicting student: Salimans & Ho (sec. 4) found '
+                    'eps fails at few steps; train the teacher with '
+                    "prediction 'v' (or 'x0')")
+  logging.info('Teacher: %s step %d (%s)', teacher.workdir, teacher.step,
+               teacher.method.describe())
+  return teacher
