@@ -69,27 +69,47 @@ def _ticks(lo, hi, log):
   return list(np.arange(math.ceil(lo / step) * step, hi + step * 1e-9, step))
 
 
+_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40),
+            (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127))
+
+
 def line_panel(xs, ys, title, xlabel, ylabel, logy=False) -> Image.Image:
   """One curve as an RGB image, axes from 0 (logy: a log10 y axis)."""
+  return series_panel({'': (xs, ys)}, title, xlabel, ylabel, logy=logy)
+
+
+def series_panel(series: dict, title, xlabel, ylabel, logy=False,
+                 logx=False) -> Image.Image:
+  """Curves name -> (xs, ys) as an RGB image with a legend (when named);
+  linear axes start at 0, log axes (log10) at the data."""
   img = Image.new('RGB', (_W, _H), 'white')
   draw, font = ImageDraw.Draw(img), ImageFont.load_default()
-  xs = np.asarray(xs, np.float64)
-  ys = np.asarray(ys, np.float64)
-  if logy:
-    ys = np.log10(np.maximum(ys, 1e-12))
-  ok = np.isfinite(xs) & np.isfinite(ys)
-  xs, ys = xs[ok], ys[ok]
-  x0, x1 = min(float(xs.min()), 0.0), float(xs.max())  # axes from 0
-  y0, y1 = float(ys.min()), float(ys.max())
+  curves = {}
+  for name, (xs, ys) in series.items():
+    xs = np.asarray(xs, np.float64)
+    ys = np.asarray(ys, np.float64)
+    if logx:
+      xs = np.log10(np.maximum(xs, 1e-12))
+    if logy:
+      ys = np.log10(np.maximum(ys, 1e-12))
+    ok = np.isfinite(xs) & np.isfinite(ys)
+    if ok.any():
+      curves[name] = (xs[ok], ys[ok])
+  all_x = np.concatenate([c[0] for c in curves.values()] or [[0.0, 1.0]])
+  all_y = np.concatenate([c[1] for c in curves.values()] or [[0.0, 1.0]])
+  x0, x1 = float(all_x.min()), float(all_x.max())
+  x0 = x0 if logx else min(x0, 0.0)  # linear axes from 0
+  y0, y1 = float(all_y.min()), float(all_y.max())
   y0 = y0 if logy else min(y0, 0.0)
   x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
   ax_l, ax_r, ax_t, ax_b = _PAD_L, _W - _PAD_R, _PAD_T, _H - _PAD_B
   px = lambda v: ax_l + (v - x0) / (x1 - x0) * (ax_r - ax_l)
   py = lambda v: ax_b - (v - y0) / (y1 - y0) * (ax_b - ax_t)
   draw.rectangle((ax_l, ax_t, ax_r, ax_b), outline='black')
-  for v in _ticks(x0, x1, False):
-    draw.line((px(v), ax_b, px(v), ax_b + 4), fill='black')
-    draw.text((px(v), ax_b + 6), f'{v:g}', fill='black', font=font,
+  for v in _ticks(x0, x1, logx):
+    pos = math.log10(v) if logx else v
+    draw.line((px(pos), ax_b, px(pos), ax_b + 4), fill='black')
+    draw.text((px(pos), ax_b + 6), f'{v:g}', fill='black', font=font,
               anchor='ma')
   for v in _ticks(y0, y1, logy):
     pos = math.log10(v) if logy else v
@@ -97,8 +117,16 @@ def line_panel(xs, ys, title, xlabel, ylabel, logy=False) -> Image.Image:
     draw.line((ax_l, py(pos), ax_r, py(pos)), fill=(225, 225, 225))
     draw.text((ax_l - 6, py(pos)), f'{v:.3g}', fill='black', font=font,
               anchor='rm')
-  draw.line([(px(a), py(b)) for a, b in zip(xs, ys)], fill=(31, 119, 180),
-            width=2)
+  for k, (name, (xs, ys)) in enumerate(curves.items()):
+    colour = _COLOURS[k % len(_COLOURS)]
+    points = [(px(a), py(b)) for a, b in zip(xs, ys)]
+    if len(points) > 1:
+      draw.line(points, fill=colour, width=2)
+    for x, y in points:
+      draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+    if name:
+      draw.text((ax_r - 6, ax_t + 6 + 12 * k), name, fill=colour, font=font,
+                anchor='ra')
   draw.text((_W / 2, 8), title, fill='black', font=font, anchor='ma')
   draw.text(((ax_l + ax_r) / 2, _H - 14), xlabel, fill='black', font=font,
             anchor='ma')

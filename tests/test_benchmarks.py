@@ -40,6 +40,7 @@ SMOKE = {
     'objectives_digits': ([], True),
     'scaling': ([], True),
     'first_run': ([] if HAVE_TORCH else ['--no-diffusers'], True),
+    'quality_vs_nfe': ([], True),
     # --malloc=ab: every candidate through with_malloc_variants (SelfTimed).
     'vs_diffusers': (['--malloc=ab'] + ([] if HAVE_TORCH else ['--notorch']),
                      True),
@@ -95,6 +96,19 @@ def check_first_run(report):
     theirs = report['runs']['diffusers tutorial']
     assert theirs['num_params'] == 3_990_017 and theirs['train_steps'] > 0
     positive(theirs['train_s'], theirs['fd_mean'])
+
+
+def check_quality_vs_nfe(report):
+  """Every sampler of the ddpm checkpoint ran within its NFE budget of 3
+  (EDM's Heun: 2 levels, 3 calls), plus the 4-step ancestral reference."""
+  rows = {(r['sampler'], r['nfe']) for r in report['rows']}
+  assert rows == {('ddim', 3), ('edm', 3), ('dpm_solver_pp', 3),
+                  ('unipc', 3), ('ddpm', 3), ('ddpm', 4)}, rows
+  assert report['num_samples'] == 16 and report['cpu']
+  for r in report['rows']:
+    positive(r['fd'], r['sample_s'])
+  positive(report['floor']['floor_fd_mean'])
+  assert os.path.exists(report['plot'])
 
 
 def check_conv_grad(report):
