@@ -11,7 +11,9 @@ against the test split (FD, as the first run, issue 13), beside the floor of
 as many real training digits (3 draws). NFE counts network calls per image
 exactly (sampling.network_calls): EDM's Heun makes 2N - 1 calls for N noise
 levels, so it is run at the largest N within each budget. The reference row
-is the 1,000-step ancestral sampler. Writes quality_vs_nfe.png (FD against
+is the 1,000-step ancestral sampler. --runs adds rows for other runs
+(distilled and consistency students) sampled as their own configs say.
+Writes quality_vs_nfe.png (FD against
 NFE, one curve per sampler) and the table into --workdir, prints the table.
 Sampling seconds are for --num_samples images on this machine, compilation
 excluded; run nothing else meanwhile. `--smoke`: a tiny network, 2 training
@@ -33,7 +35,8 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from diffusion_jax import checkpointing, experiment, parallel, trainer
+from diffusion_jax import experiment, generate, parallel, teacher
+from diffusion_jax import trainer
 from diffusion_jax import visualization
 from diffusion_jax.data import sources
 from diffusion_jax.diffusion import sampling
@@ -49,6 +52,10 @@ flags.DEFINE_list('samplers', ['ddim', 'edm', 'dpm_solver_pp', 'unipc',
                                'ddpm', 'heun'],
                   'Samplers to run (those that do not apply to the '
                   "checkpoint's process are skipped).")
+flags.DEFINE_list('runs', [],
+                  'Further run directories (distilled or consistency '
+                  'students, other configs), each scored with its own '
+                  'config.json and sampler at its own NFE.')
 flags.DEFINE_integer('reference_steps', 1000,
                      'Steps of the ancestral reference row (0: none).')
 common.define_smoke_flags()
@@ -78,26 +85,20 @@ def load_config():
 def trained_params(config, mesh, workdir: str):
   """The EMA parameters of workdir's newest checkpoint, training first if
   there is none."""
-  exp = experiment.build(config, mesh)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   if not (os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir)):
     start = time.perf_counter()
-    trainer.train_and_evaluate(exp, workdir)
+    trainer.train_and_evaluate(experiment.build(config, mesh), workdir)
     logging.info('trained in %.0f s', time.perf_counter() - start)
-  ckpt = checkpointing.Checkpointer(ckpt_dir)
-  try:
-    step = ckpt.latest_step()
-    state, _ = ckpt.restore(exp.abstract_state(), step)
-  finally:
-    ckpt.close()
-  return exp.method.sample_params(state), step
+  return generate.load_sample_params(
+      experiment.build(config, mesh, mode='sample'), workdir)
 
 
-def draw(exp, settings, params, num: int):
-  """(images uint8, seconds without compilation) with `settings`; the
-  same noise and rng for every row."""
-  method = exp.method
-  method.sample_settings = settings  # the one thing that differs per row
+def draw(exp, params, num: int, settings=None):
+  """(images uint8, seconds without compilation), with `settings` in
+  place of the method's own; the same noise and rng for every row."""
+  if settings is not None:  # the one thing that differs per row
+    exp.method.sample_settings = settings
   fn = exp.jit_sample_fn()
   noise = exp.sample_noise(num, experiment.SAMPLE_STREAM)
   rng = exp.sample_rng(experiment.SAMPLE_STREAM)
@@ -108,9 +109,10 @@ def draw(exp, settings, params, num: int):
 
 
 def main(_):
+  smoke_dir = os.path.join(tempfile.gettempdir(), 'quality_vs_nfe_smoke')
+  # --runs: the smoke run itself, scored through its own config.json.
   common.apply_smoke(num_samples=16, nfe=['3'], reference_steps=4,
-                     workdir=os.path.join(tempfile.gettempdir(),
-                                          'quality_vs_nfe_smoke'))
+                     workdir=smoke_dir, runs=[smoke_dir])
   config = load_config()
   mesh = parallel.create_mesh()
   params, step = trained_params(config, mesh, FLAGS.workdir)
@@ -131,9 +133,19 @@ def main(_):
                                    num_steps=num_steps_for(sampler, nfe))
     sampling.check(process, exp.method.prediction, settings)
     calls = sampling.network_calls(process, settings)
-    images, seconds = draw(exp, settings, params, FLAGS.num_samples)
+    images, seconds = draw(exp, params, FLAGS.num_samples, settings)
     rows.append(dict(sampler=sampler, num_steps=settings.num_steps,
                      nfe=calls, sample_s=seconds, **score(images)))
+    logging.info('%s', rows[-1])
+  for run_dir in FLAGS.runs:  # students: their own config and sampler
+    run_exp = experiment.build(teacher.load_run_config(run_dir), mesh,
+                               mode='sample')
+    run_params, _ = generate.load_sample_params(run_exp, run_dir)
+    images, seconds = draw(run_exp, run_params, FLAGS.num_samples)
+    rows.append(dict(sampler=os.path.basename(os.path.normpath(run_dir)),
+                     method=run_exp.method.describe(), num_steps='-',
+                     nfe=run_exp.method.network_calls(), sample_s=seconds,
+                     **score(images)))
     logging.info('%s', rows[-1])
   cpu = common.cpu_model()
   lines = [

@@ -80,6 +80,11 @@ class Method(abc.ABC):
     any further randomness, folded per step so results do not depend on the
     device layout."""
 
+  def network_calls(self) -> int | None:
+    """Network evaluations per image of `sample`, where it has a fixed
+    count (the x axis of benchmarks/quality_vs_nfe.py); None otherwise."""
+    return None
+
   def log_likelihood(self, params: Any, images: jax.Array,
                      rng: jax.Array) -> dict | None:
     """Per-image arrays with 'total_bpd' (B,), the negative log-likelihood

@@ -181,6 +181,9 @@ class DiffusionMethod(OneOptimizerMethod):
     return sampling.run(self.denoiser(params, noise.shape[0]), self.process,
                         noise, rng, self.sample_settings)
 
+  def network_calls(self) -> int:
+    return sampling.network_calls(self.process, self.sample_settings)
+
   def sample_progressive(self, params, noise, rng, x0_at):
     """(images, x0_hat at the 0-based timesteps x0_at): DDPM sec. 4.3."""
     return sampling.run(self.denoiser(params, noise.shape[0]), self.process,

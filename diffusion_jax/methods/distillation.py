@@ -187,6 +187,9 @@ class ProgressiveDistillation(DiffusionMethod):
     z, _ = jax.lax.scan(step, z, jnp.arange(self.student_steps, 0, -1))
     return z
 
+  def network_calls(self) -> int:
+    return self.student_steps
+
   def sample_progressive(self, params, noise, rng, x0_at):
     raise DistillationError('progressive_timesteps need the ddpm sampler; a '
                             'distilled student samples with its own steps')
