@@ -344,7 +344,7 @@ def test_large_bedroom_config_is_the_papers_256m_model_and_builds():
 @pytest.mark.parametrize('name', [
     'cifar10_iddpm', 'cifar10_rectified_flow', 'cifar10_cfg', 'digits_iddpm',
     'digits_rectified_flow', 'digits_cfg', 'digits_vp_sde', 'digits_ve_sde',
-    'cifar10_edm', 'digits_edm'])
+    'cifar10_edm', 'digits_edm', 'digits_distill'])
 def test_beyond_ddpm_configs_pass_the_checks_and_build(name):
   import importlib  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f'configs.{name}').get_config()
