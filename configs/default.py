@@ -13,7 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   # The generative method (diffusion_jax/methods/): 'diffusion',
-  # 'progressive_distillation' (config.distill).
+  # 'progressive_distillation' (config.distill), 'consistency_training' or
+  # 'consistency_distillation' (config.consistency).
   config.method = 'diffusion'
 
   # Input pipeline (diffusion_jax/data/).
@@ -191,6 +192,38 @@ def get_config() -> ml_collections.ConfigDict:
   # teacher's (which samples in 2 student_steps); halve it stage by stage,
   # each stage's teacher_workdir being the previous stage's run.
   distill.student_steps = 0
+
+  # Consistency models (methods/consistency.py): 'consistency_training'
+  # (iCT, Song & Dhariwal 2023) and 'consistency_distillation' (CD, Song et
+  # al. 2023; its teacher: config.distill, a diffusion run of the edm
+  # process). Both need diffusion.process='edm' (time_sampling='log_normal',
+  # sample.sampler='edm'); noise levels lie on a Karras grid (EDM eq. 5)
+  # from diffusion.edm_sigma_min to edm_sigma_max.
+  config.consistency = consistency = ml_collections.ConfigDict()
+  consistency.rho = 7.0
+  # iCT: the grid has N(k) = min(s0 2^floor(k / K'), s1) + 1 levels at step
+  # k, doubling every K' = floor(num_train_steps / (log2(s1 / s0) + 1))
+  # (so raising num_train_steps to extend a run stretches the curriculum).
+  consistency.curriculum_s0 = 10
+  consistency.curriculum_s1 = 1280
+  # iCT: the level pair is drawn from ln(sigma) ~ N(p_mean, p_std^2)
+  # discretised on the grid.
+  consistency.p_mean = -1.1
+  consistency.p_std = 2.0
+  # d(f, target): 'pseudo_huber', sqrt(||a - b||^2 + c^2) - c (iCT), or
+  # 'l2', ||a - b||^2. CD's LPIPS is not available here.
+  consistency.metric = 'pseudo_huber'
+  consistency.huber_c = 0.0  # 0: iCT's 0.00054 sqrt(data dimension)
+  # CD: the teacher's Heun steps between neighbours of this many levels;
+  # the target network is an EMA of the student with decay target_ema; the
+  # student starts as a copy of the teacher.
+  consistency.num_levels = 18
+  consistency.target_ema = 0.95
+  consistency.init_from_teacher = True
+  # Sampling (Song et al. 2023, Algorithm 1): f at each of these decreasing
+  # noise levels, with fresh noise before each after the first. () = one
+  # step from edm_sigma_max; (80.0, 0.821): iCT's two steps on CIFAR-10.
+  consistency.sample_sigmas = ()
 
   # Scale-out throughput knobs (diffusion_jax/trainer.py, methods/base.py).
   # Both leave the trained params unchanged (up to float summation order;

@@ -28,7 +28,9 @@ POSITIVE = (
     'diffusion.ve_sigma_min', 'diffusion.ve_sigma_max',
     'diffusion.logit_normal_std', 'sample.snr', 'diffusion.edm_sigma_min',
     'diffusion.edm_sigma_max', 'diffusion.edm_p_std', 'sample.rho',
-    'sample.s_noise', 'sample.solver_order')
+    'sample.s_noise', 'sample.solver_order', 'consistency.rho',
+    'consistency.p_std', 'consistency.curriculum_s0',
+    'consistency.curriculum_s1', 'consistency.num_levels')
 NON_NEGATIVE = (
     'sample_grid.every_steps', 'sample_quality.every_steps',
     'sample_quality.num_samples', 'sample_quality.floor_seeds',
@@ -38,7 +40,7 @@ NON_NEGATIVE = (
     'sample.sigma_min', 'sample.sigma_max', 'sample.s_churn',
     'sample.s_tmin', 'sample.s_tmax',
     'data.prefetch',
-    'model.num_classes')
+    'model.num_classes', 'consistency.huber_c')
 # key: (low, high, high included)
 INTERVALS = {
     'optim.ema_decay': (0.0, 1.0, False),
@@ -49,12 +51,14 @@ INTERVALS = {
     'diffusion.beta_end': (0.0, 1.0, False),
     'diffusion.t_min': (0.0, 1.0, False),
     'sample.t_min': (0.0, 1.0, False),
+    'consistency.target_ema': (0.0, 1.0, False),
 }
 # Registries (networks, methods, processes, samplers) are checked against
 # the registry itself in experiment.build and the method's from_config.
 CHOICES = {
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'sample.spacing': ('karras', 'logsnr', 'time'),
+    'consistency.metric': ('pseudo_huber', 'l2'),
     'sample.solver_order': (1, 2, 3),
     'sample.unipc_variant': ('bh1', 'bh2'),
 }
@@ -117,6 +121,7 @@ def check(config, mode: str = 'train') -> None:
   _check_pairs(config)
   _check_model(config)
   _check_posthoc_ema(config)
+  _check_consistency_sigmas(config)
 
 
 def _check_pairs(config):
@@ -127,7 +132,8 @@ def _check_pairs(config):
            ('diffusion.edm_sigma_min', 'diffusion.edm_sigma_max'),
            # 0 is "none" for the sample keys: the process's own / no limit.
            ('sample.sigma_min', 'sample.sigma_max'),
-           ('sample.s_tmin', 'sample.s_tmax'))
+           ('sample.s_tmin', 'sample.s_tmax'),
+           ('consistency.curriculum_s0', 'consistency.curriculum_s1'))
   for low_key, high_key in pairs:
     low, high = _get(config, low_key), _get(config, high_key)
     if low is not None and high is not None and low > high and not (
@@ -187,3 +193,20 @@ def _check_posthoc_ema(config):
         'snapshots spread over the run): set it, e.g. to num_train_steps / '
         '20, or set sigma_rels=() to turn tracking off')
 
+
+def _check_consistency_sigmas(config):
+  """Consistency sampling's levels (Song et al. 2023, Algorithm 1): noise
+  levels the model was trained at, from noise towards the data."""
+  sigmas = _get(config, 'consistency.sample_sigmas')
+  if not sigmas:
+    return
+  lo = _get(config, 'diffusion.edm_sigma_min')
+  hi = _get(config, 'diffusion.edm_sigma_max')
+  sigmas = tuple(_number('consistency.sample_sigmas', s) for s in sigmas)
+  if any(not lo < s <= hi for s in sigmas) or any(
+      b >= a for a, b in zip(sigmas, sigmas[1:])):
+    raise ConfigError(
+        f'config.consistency.sample_sigmas={sigmas!r} must be strictly '
+        'decreasing noise levels in (diffusion.edm_sigma_min, edm_sigma_max]'
+        f' = ({lo}, {hi}]: e.g. () for one step from {hi}, ({hi}, 0.821) '
+        'for two (iCT on CIFAR-10)')

@@ -8,12 +8,17 @@ the package (a test registers a toy Gaussian this way).
 from typing import Callable
 
 from diffusion_jax.methods.base import Method, OneOptimizerMethod
+from diffusion_jax.methods.consistency import ConsistencyTraining
+from diffusion_jax.methods.consistency_distillation import (
+    ConsistencyDistillation)
 from diffusion_jax.methods.diffusion import DiffusionMethod
 from diffusion_jax.methods.distillation import ProgressiveDistillation
 
 METHODS: dict[str, Callable] = {
     'diffusion': DiffusionMethod.from_config,
     'progressive_distillation': ProgressiveDistillation.from_config,
+    'consistency_training': ConsistencyTraining.from_config,
+    'consistency_distillation': ConsistencyDistillation.from_config,
 }
 
 
@@ -30,5 +35,6 @@ def create_method(config) -> Method:
 
 
 __all__ = ['Method', 'OneOptimizerMethod', 'DiffusionMethod',
-           'ProgressiveDistillation', 'METHODS',
+           'ProgressiveDistillation', 'ConsistencyTraining',
+           'ConsistencyDistillation', 'METHODS',
            'register', 'create_method']
