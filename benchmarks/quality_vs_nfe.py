@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from diffusion_jax import experiment, generate, parallel, teacher
+from diffusion_jax import experiment, generate, parallel, run_config
 from diffusion_jax import trainer
 from diffusion_jax import visualization
 from diffusion_jax.data import sources
@@ -138,7 +138,7 @@ def main(_):
                      nfe=calls, sample_s=seconds, **score(images)))
     logging.info('%s', rows[-1])
   for run_dir in FLAGS.runs:  # students: their own config and sampler
-    run_exp = experiment.build(teacher.load_run_config(run_dir), mesh,
+    run_exp = experiment.build(run_config.load(run_dir, '--runs'), mesh,
                                mode='sample')
     run_params, _ = generate.load_sample_params(run_exp, run_dir)
     images, seconds = draw(run_exp, run_params, FLAGS.num_samples)

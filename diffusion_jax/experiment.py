@@ -44,6 +44,8 @@ class LoopSettings:
   quality_every_steps: int  # config.sample_quality.every_steps; 0: never
   quality_num_samples: int  # config.sample_quality.train_num_samples
   train_ynn_conv: bool = True  # config.cpu.train_ynn_conv (XLA:CPU only)
+  # config.posthoc_ema.snapshot_every_steps (power-EMA snapshots; 0: none)
+  ema_snapshot_every_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,7 +257,10 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None, *,
           grid_num_images=config.sample_grid.num_images,
           quality_every_steps=q.every_steps,
           quality_num_samples=q.train_num_samples,
-          train_ynn_conv=config.cpu.train_ynn_conv),
+          train_ynn_conv=config.cpu.train_ynn_conv,
+          ema_snapshot_every_steps=(
+              config.posthoc_ema.snapshot_every_steps
+              if config.posthoc_ema.sigma_rels else 0)),
       quality=QualitySettings(network=q.network, floor_seeds=q.floor_seeds,
                               weights_path=q.weights_path,
                               reference=q.reference,

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import errors
+from diffusion_jax import errors, run_config
 from diffusion_jax.config_checks import POSTHOC_SIGMA_REL_MAX
 
 SNAPSHOT_DIR = 'ema_snapshots'
@@ -192,12 +192,11 @@ class SnapshotWriter:
 
   @classmethod
   def create(cls, exp, workdir) -> 'SnapshotWriter | None':
-    """None unless the method tracks power EMAs. The interval is read from
-    exp.config (a loop setting experiment.LoopSettings does not carry)."""
+    """None unless the method tracks power EMAs."""
     sigma_rels = getattr(exp.method, 'power_ema_sigma_rels', ())
     if not sigma_rels:
       return None
-    return cls(workdir, exp.config.posthoc_ema.snapshot_every_steps,
+    return cls(workdir, exp.loop.ema_snapshot_every_steps,
                exp.method.power_ema_gammas, sigma_rels)
 
   def after_step(self, state, step: int, is_last: bool) -> None:
@@ -213,41 +212,12 @@ class SnapshotWriter:
 
 # ------------------------------------------------------- reconstruction --
 
-def _tuples(value):
-  """config.json's lists back to the tuples the config had."""
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  return value
-
-
-def _fill(values: dict, defaults: dict) -> dict:
-  """values with every key of defaults it lacks added, recursively."""
-  for key, value in defaults.items():
-    if key not in values:
-      values[key] = value
-    elif isinstance(value, dict) and isinstance(values[key], dict):
-      _fill(values[key], value)
-  return values
-
-
 def load_run_config(workdir):
-  """The ConfigDict a run wrote to <workdir>/config.json. Keys the code
-  gained after the run was written take configs/default.py's values (new
-  features default to off), as they would when the run resumes."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  path = epath.Path(workdir) / 'config.json'
-  if not path.exists():
-    raise PostHocEMAError(f'{path} does not exist: --workdir must be a run '
-                          'directory (the trainer writes config.json there).')
-  values = _tuples(json.loads(path.read_text()))
+  """The ConfigDict a run wrote to <workdir>/config.json (run_config.py)."""
   try:
-    from configs import default  # pylint: disable=g-import-not-at-top
-    values = _fill(values, default.get_config().to_dict())
-  except ImportError:  # installed without the repository's configs/
-    pass
-  return ml_collections.ConfigDict(values)
+    return run_config.load(workdir, '--workdir')
+  except run_config.RunConfigError as e:
+    raise PostHocEMAError(str(e)) from e
 
 
 def _check_out_workdir(out_workdir) -> None:

@@ -10,7 +10,6 @@ raised before anything compiles.
 """
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -18,7 +17,7 @@ from etils import epath
 import jax
 import ml_collections
 
-from diffusion_jax import checkpointing, errors, parallel
+from diffusion_jax import checkpointing, errors, parallel, run_config
 
 # The config sections a student shares with its teacher: the network and the
 # diffusion process (a student initialised from its teacher predicts what
@@ -45,28 +44,12 @@ class Teacher:
   config: ml_collections.ConfigDict
 
 
-def _tuples(value):
-  """config.json's lists back to the tuples the config had."""
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  return value
-
-
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The ConfigDict a run wrote to <workdir>/config.json."""
-  path = epath.Path(workdir) / 'config.json'
-  if not path.exists():
-    raise TeacherError(f'{path} does not exist: config.distill.'
-                       'teacher_workdir must be a run directory (the trainer '
-                       'writes config.json there)')
+  """The ConfigDict a run wrote to <workdir>/config.json (run_config.py)."""
   try:
-    return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
-  except ValueError as e:
-    raise TeacherError(f'{path} is not a readable config ({e}): point '
-                       'config.distill.teacher_workdir at a run directory') \
-        from e
+    return run_config.load(workdir, 'config.distill.teacher_workdir')
+  except run_config.RunConfigError as e:
+    raise TeacherError(str(e)) from e
 
 
 def _flat(config, prefix='') -> dict:
