@@ -11,7 +11,7 @@ against the test split (FD, as the first run, issue 13), beside the floor of
 as many real training digits (3 draws). NFE counts network calls per image
 exactly (sampling.network_calls): EDM's Heun makes 2N - 1 calls for N noise
 levels, so it is run at the largest N within each budget. The reference row
-is the 1,000-step ancestral sampler. --runs adds rows for other runs
+is the 1,000-step ancestral sampler. --run adds rows for other runs
 (distilled and consistency students) sampled as their own configs say.
 Writes quality_vs_nfe.png (FD against
 NFE, one curve per sampler) and the table into --workdir, prints the table.
@@ -20,6 +20,7 @@ excluded; run nothing else meanwhile. `--smoke`: a tiny network, 2 training
 steps, 16 samples, NFE 3.
 """
 
+import ast
 import dataclasses
 import importlib
 import os
@@ -52,10 +53,11 @@ flags.DEFINE_list('samplers', ['ddim', 'edm', 'dpm_solver_pp', 'unipc',
                                'ddpm', 'heun'],
                   'Samplers to run (those that do not apply to the '
                   "checkpoint's process are skipped).")
-flags.DEFINE_list('runs', [],
-                  'Further run directories (distilled or consistency '
-                  'students, other configs), each scored with its own '
-                  'config.json and sampler at its own NFE.')
+flags.DEFINE_multi_string(
+    'run', [], 'A further run directory (a distilled or consistency '
+    "student, another config), scored with its own config.json and sampler "
+    "at its own NFE; 'DIR key=value ...' overrides its config first, e.g. "
+    "--run='runs/ict consistency.sample_sigmas=(80.0,0.821)'. Repeatable.")
 flags.DEFINE_integer('reference_steps', 1000,
                      'Steps of the ancestral reference row (0: none).')
 common.define_smoke_flags()
@@ -110,9 +112,11 @@ def draw(exp, params, num: int, settings=None):
 
 def main(_):
   smoke_dir = os.path.join(tempfile.gettempdir(), 'quality_vs_nfe_smoke')
-  # --runs: the smoke run itself, scored through its own config.json.
+  # --run: the smoke run itself, scored through its own config.json (DDIM
+  # 50), and again with an override.
   common.apply_smoke(num_samples=16, nfe=['3'], reference_steps=4,
-                     workdir=smoke_dir, runs=[smoke_dir])
+                     workdir=smoke_dir,
+                     run=[smoke_dir, f'{smoke_dir} sample.num_steps=4'])
   config = load_config()
   mesh = parallel.create_mesh()
   params, step = trained_params(config, mesh, FLAGS.workdir)
@@ -137,12 +141,17 @@ def main(_):
     rows.append(dict(sampler=sampler, num_steps=settings.num_steps,
                      nfe=calls, sample_s=seconds, **score(images)))
     logging.info('%s', rows[-1])
-  for run_dir in FLAGS.runs:  # students: their own config and sampler
-    run_exp = experiment.build(run_config.load(run_dir, '--runs'), mesh,
-                               mode='sample')
+  for spec in FLAGS.run:  # students: their own config and sampler
+    run_dir, *overrides = spec.split()
+    run_cfg = run_config.load(run_dir, '--run')
+    for item in overrides:
+      key, value = item.split('=', 1)
+      run_cfg.update_from_flattened_dict({key: ast.literal_eval(value)})
+    run_exp = experiment.build(run_cfg, mesh, mode='sample')
     run_params, _ = generate.load_sample_params(run_exp, run_dir)
     images, seconds = draw(run_exp, run_params, FLAGS.num_samples)
-    rows.append(dict(sampler=os.path.basename(os.path.normpath(run_dir)),
+    rows.append(dict(sampler=' '.join([os.path.basename(
+                         os.path.normpath(run_dir)), *overrides]),
                      method=run_exp.method.describe(), num_steps='-',
                      nfe=run_exp.method.network_calls(), sample_s=seconds,
                      **score(images)))

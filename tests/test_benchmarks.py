@@ -102,10 +102,12 @@ def check_quality_vs_nfe(report):
   """Every sampler of the ddpm checkpoint ran within its NFE budget of 3
   (EDM's Heun: 2 levels, 3 calls), plus the 4-step ancestral reference."""
   rows = {(r['sampler'], r['nfe']) for r in report['rows']}
-  # The last row: the run itself through --runs, with its own DDIM 50.
+  # The last rows: the run itself through --run, with its own DDIM 50 and
+  # with an override.
   assert rows == {('ddim', 3), ('edm', 3), ('dpm_solver_pp', 3),
                   ('unipc', 3), ('ddpm', 3), ('ddpm', 4),
-                  ('quality_vs_nfe_smoke', 50)}, rows
+                  ('quality_vs_nfe_smoke', 50),
+                  ('quality_vs_nfe_smoke sample.num_steps=4', 4)}, rows
   assert report['num_samples'] == 16 and report['cpu']
   for r in report['rows']:
     positive(r['fd'], r['sample_s'])
