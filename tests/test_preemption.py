@@ -29,7 +29,7 @@ STEPS = 60
 ARGS = ['--config.model.ch=8', '--config.model.ch_mult=(1,)',
         '--config.model.num_res_blocks=1', '--config.model.num_groups=4',
         '--config.model.attn_resolutions=()', '--config.model.temb_dim=16',
-        '--config.diffusion.num_timesteps=10',
+        '--config.diffusion.num_timesteps=10', '--config.sample.num_steps=0',
         '--config.batch_size=16', f'--config.num_train_steps={STEPS}',
         '--config.checkpoint_every_steps=20', '--config.log_every_steps=1',
         '--config.sample_grid.every_steps=0',
