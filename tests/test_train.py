@@ -431,7 +431,7 @@ def test_a_first_wave_loss_name_names_the_new_keys():
 @pytest.mark.parametrize('overrides, match', [
     ({'method': 'gan'}, r"unknown method 'gan': set config.method"),
     ({'model.name': 'resnet'}, r"unknown model 'resnet'"),
-    ({'diffusion.process': 'edm'}, r'config.diffusion.process to one of'),
+    ({'diffusion.process': 'nope'}, r'config.diffusion.process to one of'),
     ({'sample.sampler': 'pc'}, r"sampler='pc' does not apply to the process "
      r"'ddpm'"),
     ({'sample_quality.every_steps': 2,
