@@ -119,20 +119,15 @@ def _continuous(name):
   return Sampler(applies=_on_unit_interval, run=run)
 
 
-def _edm(denoise_fn, process, x_T, rng, s: SampleSettings, x0_at=()):
-  if x0_at:
-    raise ValueError('progressive_timesteps need the ddpm sampler')
-  out = edm.edm_sample(denoise_fn, process, s.grid(process), x_T, rng,
-                       s.churn)
-  return jnp.clip(out, -1.0, 1.0) if s.clip_denoised else out
-
-
-def _multistep(name):
+def _sigma_sampler(name):
+  """A sampler over s.grid(process)'s noise levels, for every process."""
   def run(denoise_fn, process, x_T, rng, s: SampleSettings, x0_at=()):
     if x0_at:
       raise ValueError('progressive_timesteps need the ddpm sampler')
     grid = s.grid(process)
-    if name == 'unipc':
+    if name == 'edm':
+      out = edm.edm_sample(denoise_fn, process, grid, x_T, rng, s.churn)
+    elif name == 'unipc':
       out = multistep.unipc_sample(denoise_fn, process, grid, x_T, rng,
                                    order=s.solver_order,
                                    variant=s.unipc_variant)
@@ -166,9 +161,7 @@ SAMPLERS = {
     'ddpm': _discrete('ddpm'),
     'ddim': _discrete('ddim'),
     **{name: _continuous(name) for name in sde_samplers.SAMPLERS},
-    'edm': Sampler(applies=lambda p: True, run=_edm),
-    **{name: _multistep(name)
-       for name in ('dpm_solver_pp', 'dpm_solver_pp_sde', 'unipc')},
+    **{name: _sigma_sampler(name) for name in SIGMA_SAMPLERS},
 }
 
 
@@ -199,9 +192,7 @@ def check(process, prediction: str, s: SampleSettings) -> None:
     s.churn.check()
     if s.sampler != 'edm':
       multistep.check_settings(s.sampler, s.solver_order, s.unipc_variant)
-    grid = s.grid(process)  # checks sigma_min/max and the spacing
-    if s.sampler == 'edm' and grid.num_steps < 1:
-      raise ValueError('config.sample.num_steps gives no noise level')
+    s.grid(process)  # checks sigma_min/max and the spacing
   elif process.is_discrete:
     samplers.check_variance(s.variance)
     if s.num_steps < 0:
