@@ -164,7 +164,8 @@ class Experiment:
     return pipeline.create_train_iterator(
         self.data, global_batch_size=self.loop.batch_size, seed=self.seed,
         sharding=parallel.batch_sharded(self.mesh), start_step=start_step,
-        with_labels=self.method.with_labels)
+        with_labels=self.method.with_labels,
+        num_classes=getattr(self.method, 'num_classes', 0))
 
   def eval_iterator(self, split: str) -> Iterator[dict]:
     return pipeline.create_eval_iterator(

@@ -1,5 +1,7 @@
 """Class conditioning and classifier-free guidance."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,3 +103,15 @@ def test_a_source_without_labels_is_a_clear_error(tmp_path):
     input_pipeline.create_train_iterator(
         config.data, global_batch_size=4, seed=0, sharding=None,
         with_labels=True)
+
+
+def test_a_label_beyond_num_classes_is_a_clear_error(tmp_path):
+  """Digits have labels 0-9: a 3-class model would index its class
+  embedding out of range (NaN at step 1); it stops with the fix instead."""
+  from tests.util import run_train  # pylint: disable=g-import-not-at-top
+  config = tiny_config(**{'model.num_classes': 3, 'num_train_steps': 1})
+  with pytest.raises(input_pipeline.DataError,
+                     match=r'outside 0..2 \(config.model.num_classes=3\)'):
+    run_train(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run' / 'checkpoints') or not (
+      os.listdir(tmp_path / 'run' / 'checkpoints'))

@@ -158,11 +158,13 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int,
                           start_step: int = 0,
                           process_index: Optional[int] = None,
                           process_count: Optional[int] = None,
-                          with_labels: bool = False) -> BatchIterator:
+                          with_labels: bool = False,
+                          num_classes: int = 0) -> BatchIterator:
   """Infinite, shuffled global batches of float32 images in [-1, 1].
 
   With `with_labels` each batch is (images, int32 labels) instead, for
-  class-conditional training; the images are the same either way.
+  class-conditional training; the images are the same either way. Labels
+  must lie in 0..num_classes-1 (num_classes > 0: checked per row).
   With `sharding=None` it yields this process's numpy rows instead of a
   global array (tests, host-side benchmarks). `process_index/count` default
   to jax's and exist so the multi-process split can be tested in one process.
@@ -173,7 +175,7 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int,
   source = sources.open_split(cfg, cfg.train_split)
   if with_labels:
     source = sources.LabelledRows(
-        source, f'{cfg.source} split {cfg.train_split!r}')
+        source, f'{cfg.source} split {cfg.train_split!r}', num_classes)
   ds = grain.MapDataset.source(source)
   ds = ds.shuffle(seed=_derive_seed(seed, 0)).repeat()  # Reshuffles per epoch.
   if cfg.random_flip:

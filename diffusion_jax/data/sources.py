@@ -296,10 +296,13 @@ def _open_tfds(cfg, split):
 
 
 class LabelledRows:
-  """(image, int32 label) rows of a source that has labels."""
+  """(image, int32 label) rows of a source that has labels; with
+  num_classes > 0 a label outside 0..num_classes-1 is a DataError (the
+  class embedding would read out of range: NaN at the first step)."""
 
-  def __init__(self, source, where: str):
-    self._source = source
+  def __init__(self, source, where: str, num_classes: int = 0):
+    self._source, self._where = source, where
+    self._num_classes = num_classes
     if source.row(0)[1] is None:
       raise DataError(
           f'{where} has no class labels, but config.model.num_classes > 0 '
@@ -312,6 +315,12 @@ class LabelledRows:
 
   def __getitem__(self, i):
     image, label = self._source.row(i)
+    if self._num_classes and not 0 <= label < self._num_classes:
+      raise DataError(
+          f'{self._where} row {i} has label {label}, outside 0..'
+          f'{self._num_classes - 1} (config.model.num_classes='
+          f'{self._num_classes}): set config.model.num_classes to the number '
+          'of classes of the data (its largest label + 1).')
     return image, np.int32(label)
 
 
