@@ -98,6 +98,12 @@ def get_config() -> ml_collections.ConfigDict:
   # one network is both conditional and unconditional (classifier-free
   # guidance, Ho & Salimans 2022: 0.1-0.2).
   model.label_dropout = 0.1
+  # A guidance-conditioned network (Meng et al. 2023): the guidance weight w
+  # is an input, embedded like the time and added to its embedding, so one
+  # call samples at any w. Only for progressive distillation students
+  # (config.distill.guidance_min/max); the w embedding starts at zero, so a
+  # student initialised from its teacher predicts what the teacher does.
+  model.guidance_input = False
 
   # Optimisation (diffusion_jax/train_state.py).
   config.optim = optim = ml_collections.ConfigDict()
@@ -192,6 +198,14 @@ def get_config() -> ml_collections.ConfigDict:
   # teacher's (which samples in 2 student_steps); halve it stage by stage,
   # each stage's teacher_workdir being the previous stage's run.
   distill.student_steps = 0
+  # A guidance-conditioned student (config.model.guidance_input = True, a
+  # class-conditional teacher; Meng et al. 2023): each example's w is drawn
+  # uniformly from [guidance_min, guidance_max]; a plain teacher's two
+  # steps use classifier-free guidance at that w, a guidance-conditioned
+  # teacher (an earlier stage) gets w as input. It then samples at
+  # config.sample.guidance_scale in one network call per step.
+  distill.guidance_min = 0.0
+  distill.guidance_max = 4.0
 
   # Consistency models (methods/consistency.py): 'consistency_training'
   # (iCT, Song & Dhariwal 2023) and 'consistency_distillation' (CD, Song et

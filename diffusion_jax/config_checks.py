@@ -40,7 +40,7 @@ NON_NEGATIVE = (
     'sample.sigma_min', 'sample.sigma_max', 'sample.s_churn',
     'sample.s_tmin', 'sample.s_tmax',
     'data.prefetch',
-    'model.num_classes', 'consistency.huber_c')
+    'model.num_classes', 'consistency.huber_c', 'distill.guidance_min')
 # key: (low, high, high included)
 INTERVALS = {
     'optim.ema_decay': (0.0, 1.0, False),
@@ -120,6 +120,7 @@ def check(config, mode: str = 'train') -> None:
   del mode  # every mode checks every value (issue 18)
   _check_pairs(config)
   _check_model(config)
+  _check_guidance_input(config)
   _check_posthoc_ema(config)
   _check_consistency_sigmas(config)
 
@@ -133,7 +134,8 @@ def _check_pairs(config):
            # 0 is "none" for the sample keys: the process's own / no limit.
            ('sample.sigma_min', 'sample.sigma_max'),
            ('sample.s_tmin', 'sample.s_tmax'),
-           ('consistency.curriculum_s0', 'consistency.curriculum_s1'))
+           ('consistency.curriculum_s0', 'consistency.curriculum_s1'),
+           ('distill.guidance_min', 'distill.guidance_max'))
   for low_key, high_key in pairs:
     low, high = _get(config, low_key), _get(config, high_key)
     if low is not None and high is not None and low > high and not (
@@ -165,6 +167,23 @@ def _check_model(config):
           f'channels of a level (config.model.ch={ch} x ch_mult {m}): '
           'GroupNorm needs a divisor of every level\'s channels, e.g. '
           f'{math.gcd(*[ch * k for k in mult])}')
+
+
+def _check_guidance_input(config):
+  """A guidance-conditioned network learns w only from a guided teacher."""
+  if not _get(config, 'model.guidance_input'):
+    return
+  if not _get(config, 'model.num_classes'):
+    raise ConfigError(
+        'config.model.guidance_input=True needs a class-conditional model '
+        '(config.model.num_classes > 0): guidance mixes conditional and '
+        'unconditional predictions')
+  if _get(config, 'method') != 'progressive_distillation':
+    raise ConfigError(
+        'config.model.guidance_input=True: only a progressive-distillation '
+        "student learns the guidance weight as an input (config.method="
+        "'progressive_distillation'); other methods use classifier-free "
+        'guidance at config.sample.guidance_scale: set guidance_input=False')
 
 
 def _check_posthoc_ema(config):

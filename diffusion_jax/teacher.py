@@ -25,7 +25,10 @@ from diffusion_jax import checkpointing, errors, parallel, run_config
 SHARED_SECTIONS = ('model', 'diffusion', 'data')
 # Keys of those sections a student may set differently (none affect the
 # network's shape or the process).
+# model.guidance_input: a guidance-conditioned student of a plain teacher
+# (the w embedding is the only parameter it adds; distillation.py).
 MAY_DIFFER = ('model.dropout', 'model.label_dropout', 'data.prefetch',
+              'model.guidance_input',
               'data.data_dir', 'data.download', 'diffusion.time_sampling',
               'diffusion.logit_normal_mean', 'diffusion.logit_normal_std',
               'diffusion.loss', 'diffusion.sampler_variance')

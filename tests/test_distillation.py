@@ -127,3 +127,105 @@ def test_bad_distillation_settings(tmp_path):
     experiment.build(_student_config(tmp_path, 3, **{
         'diffusion.process': 'ddpm', 'diffusion.prediction': 'eps',
         'sample.sampler': 'ddim'}))
+
+
+# ------------------------------------------- guidance-conditioned student --
+
+def _guided_config(teacher_dir, steps, **overrides):
+  return _student_config(teacher_dir, steps, **{
+      'model.num_classes': 10, 'model.guidance_input': True,
+      'distill.guidance_min': 0.5, 'distill.guidance_max': 3.0, **overrides})
+
+
+@pytest.fixture(scope='module')
+def conditional_teacher_dir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('conditional_teacher')
+  run_train(_teacher_config(**{'model.num_classes': 10}), str(workdir))
+  return workdir
+
+
+def _inputs(n=4):
+  k = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(k[0], (n, 8, 8, 1))
+  t = jax.random.uniform(k[1], (n,), minval=0.1, maxval=0.9)
+  return x, t, jnp.array([0, 1, 2, 3][:n]), jnp.array([0.5, 1.0, 2.0, 3.0][:n])
+
+
+def test_a_guided_student_learns_its_teachers_guided_steps(
+    conditional_teacher_dir, tmp_path):
+  """Stage 1: the student starts as its plain teacher for every w, and its
+  target comes from the teacher's classifier-free-guided prediction at each
+  example's w (Meng et al. 2023); it trains, resumes exactly and samples
+  at w in one call per step. Stage 2: a guided teacher is given w."""
+  config = _guided_config(conditional_teacher_dir, 2)
+  student = experiment.build(config)
+  state = student.init_state()
+  plain = teacher.load(config)
+  method = student.method
+  x, t, labels, w = _inputs()
+  # The w embedding adds exactly zero at init: the teacher's network.
+  want = plain.method.network_fn(plain.params, labels)(x, t)
+  got = method.network_fn(state.params, labels, guidance=w)(x, t)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  # The teacher inside draw: (1 + w) f(y) - w f(null), per example.
+  null = jnp.full_like(labels, 10)
+  f = lambda y: plain.method.network_fn(plain.params, y)(x, t)
+  guided = (1 + w[:, None, None, None]) * f(labels) - w[:, None, None,
+                                                          None] * f(null)
+  teach = method._teacher_network(state.loss_history, labels, w)
+  assert not bool(state.loss_history['takes_guidance'])
+  np.testing.assert_allclose(teach(x, t), guided, atol=1e-5)
+  assert method.network_calls() == 2
+  # Training, exact resume, sampling at two weights.
+  straight = run_train(config, str(tmp_path / 'straight'))
+  config.num_train_steps = 2
+  run_train(config, str(tmp_path / 'resumed'))
+  config.num_train_steps = 4
+  resumed = run_train(config, str(tmp_path / 'resumed'))
+  jax.tree.map(np.testing.assert_array_equal, resumed.params, straight.params)
+  config.sample.guidance_scale = 2.0
+  out = run_sample(config, str(tmp_path / 'straight'))
+  images = np.load(os.path.join(out, 'samples.npz'))['images']
+  assert images.shape[0] == 12 and np.isfinite(images).all()
+  # w reaches the trained network (the EMA moved its w embedding off zero).
+  method.guidance_scale = 0.0
+  at_0 = method.denoiser(straight.ema_params, 4)(x, t).x0
+  method.guidance_scale = 2.0
+  at_2 = method.denoiser(straight.ema_params, 4)(x, t).x0
+  assert float(jnp.abs(at_2 - at_0).max()) > 1e-6
+  # Stage 2: the teacher takes w, and is given it (one call, no mixing).
+  stage2 = experiment.build(_guided_config(tmp_path / 'straight', 1))
+  state2 = stage2.init_state()
+  assert bool(state2.loss_history['takes_guidance'])
+  stage1 = teacher.load(_guided_config(tmp_path / 'straight', 1))
+  want = stage1.method.network_fn(stage1.params, labels, guidance=w)(x, t)
+  teach = stage2.method._teacher_network(state2.loss_history, labels, w)
+  np.testing.assert_allclose(teach(x, t), want, atol=1e-5)
+  # A guided teacher cannot teach a student that does not take w.
+  with pytest.raises(distillation.DistillationError,
+                     match='model.guidance_input=True'):
+    experiment.build(_student_config(
+        tmp_path / 'straight', 1, **{'model.num_classes': 10})).init_state()
+
+
+@pytest.mark.parametrize('overrides, match', [
+    ({'model.num_classes': 0}, 'needs a class-conditional model'),
+    ({'method': 'diffusion'}, 'only a progressive-distillation student'),
+    ({'distill.guidance_min': 2.0, 'distill.guidance_max': 1.0},
+     'guidance_min=2.0 is above config.distill.guidance_max'),
+    ({'distill.guidance_min': -1.0}, 'guidance_min'),
+])
+def test_bad_guided_student_settings(overrides, match):
+  from diffusion_jax import config_checks, errors  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.ConfigError, match=match):
+    config_checks.check(_guided_config('/nonexistent', 2, **overrides))
+
+
+def test_a_unet_without_guidance_input_refuses_a_weight():
+  from diffusion_jax.models import unet  # pylint: disable=g-import-not-at-top
+  net = unet.UNet(out_channels=1, ch=8, ch_mult=(1,), num_res_blocks=1,
+                  attn_resolutions=(), num_groups=4, temb_dim=16)
+  x = jnp.zeros((2, 4, 4, 1))
+  params = net.init(jax.random.key(0), x, jnp.zeros((2,)), train=False)
+  with pytest.raises(ValueError, match='guidance_input'):
+    net.apply(params, x, jnp.zeros((2,)), train=False, guidance=jnp.ones(2))

@@ -33,8 +33,9 @@ def class_labels(num: int, num_classes: int, class_label: int = -1
 
 
 def guided_model(apply_fn: ApplyFn, labels: jax.Array, *, null_label: int,
-                 scale: float, channels: int):
-  """(x, t) -> the guided output, in ONE network call per step.
+                 scale: float | jax.Array, channels: int):
+  """(x, t) -> the guided output, in ONE network call per step; `scale` is
+  one w, or one per example ((B,): a guided distillation teacher's).
 
   The conditional and unconditional inputs are interleaved row by row
   (x_0, x_0, x_1, x_1, ...) into a batch of 2B rather than concatenated:
@@ -43,7 +44,7 @@ def guided_model(apply_fn: ApplyFn, labels: jax.Array, *, null_label: int,
   output channels (the mean prediction) are guided; a learned variance
   (extra channels) is taken from the conditional half.
   """
-  if scale == 0.0:
+  if isinstance(scale, (int, float)) and scale == 0.0:
     return lambda x, t: apply_fn(x, t, labels)
 
   def guided(x, t):
@@ -53,8 +54,9 @@ def guided_model(apply_fn: ApplyFn, labels: jax.Array, *, null_label: int,
     out = apply_fn(twice(x), twice(t), y)
     out = out.reshape(x.shape[0], 2, *out.shape[1:])
     cond, uncond = out[:, 0], out[:, 1]
-    mean = ((1.0 + scale) * cond[..., :channels]
-            - scale * uncond[..., :channels])
+    w = jnp.reshape(scale, jnp.shape(scale) + (1,) * (cond.ndim - 1)
+                    if jnp.ndim(scale) else ())
+    mean = (1.0 + w) * cond[..., :channels] - w * uncond[..., :channels]
     return jnp.concatenate([mean, cond[..., channels:]], axis=-1)
 
   return guided

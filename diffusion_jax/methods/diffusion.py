@@ -109,14 +109,23 @@ class DiffusionMethod(OneOptimizerMethod):
     return self.network.init({'params': rng}, x, jnp.zeros((1,), jnp.float32),
                              train=False)['params']
 
+  @property
+  def takes_guidance(self) -> bool:
+    """The network takes the guidance weight as an input (a guidance-
+    conditioned distillation student): sampling feeds it
+    config.sample.guidance_scale instead of combining two predictions."""
+    return getattr(self.network, 'guidance_input', False)
+
   def network_fn(self, params, labels=None, *, train: bool = False,
-                 dropout_rng=None) -> denoiser.NetworkFn:
+                 dropout_rng=None, guidance=None) -> denoiser.NetworkFn:
     """(x_t, t) -> the network's output at the process's time t (the
-    network sees process.model_time(t)); labels None: the null class."""
+    network sees process.model_time(t)); labels None: the null class;
+    guidance: (B,) weights for a network that takes them."""
     rngs = {'dropout': dropout_rng} if train else None
+    extra = {} if guidance is None else {'guidance': guidance}
     return lambda x, t: self.network.apply(
         {'params': params}, x, self.process.model_time(t), labels,
-        train=train, rngs=rngs)
+        train=train, rngs=rngs, **extra)
 
   # ------------------------------------------------------------ training --
 
@@ -166,8 +175,14 @@ class DiffusionMethod(OneOptimizerMethod):
   def denoiser(self, params, num: int) -> denoiser.DenoiseFn:
     """The network as a denoiser for a batch of `num` samples, with
     classifier-free guidance for a conditional model (labels from
-    config.sample.class_label)."""
-    if self.num_classes:
+    config.sample.class_label), or w as the input of a network that takes
+    it."""
+    if self.takes_guidance:  # one call at w (Meng et al. 2023)
+      labels = guidance.class_labels(num, self.num_classes, self.class_label)
+      network_fn = self.network_fn(
+          params, labels,
+          guidance=jnp.full((num,), self.guidance_scale, jnp.float32))
+    elif self.num_classes:
       labels = guidance.class_labels(num, self.num_classes, self.class_label)
       apply_fn = lambda x, t, y: self.network_fn(params, y)(x, t)
       network_fn = guidance.guided_model(
@@ -181,8 +196,15 @@ class DiffusionMethod(OneOptimizerMethod):
     return sampling.run(self.denoiser(params, noise.shape[0]), self.process,
                         noise, rng, self.sample_settings)
 
+  def evaluations_per_call(self) -> int:
+    """Network evaluations per image in one denoiser call: 2 under
+    classifier-free guidance (conditional and null-class rows), else 1."""
+    guided = self.num_classes and self.guidance_scale
+    return 2 if guided and not self.takes_guidance else 1
+
   def network_calls(self) -> int:
-    return sampling.network_calls(self.process, self.sample_settings)
+    return (sampling.network_calls(self.process, self.sample_settings)
+            * self.evaluations_per_call())
 
   def sample_progressive(self, params, noise, rng, x0_at):
     """(images, x0_hat at the 0-based timesteps x0_at): DDPM sec. 4.3."""

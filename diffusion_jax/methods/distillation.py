@@ -20,6 +20,19 @@ v: eps fails at few steps, sec. 4), with a fresh optimizer and EMA.
 The teacher's parameters are part of the train state (its auxiliary slot),
 so a stage resumes exactly and its checkpoint samples without the teacher's
 run; the teacher run is read once, when the stage starts.
+
+A guidance-conditioned student (config.model.guidance_input; Meng et al.
+2023, "On distillation of guided diffusion models") takes the guidance
+weight w as an input and learns, per example at w ~ U[guidance_min,
+guidance_max], the teacher's *guided* steps: a plain class-conditional
+teacher's two steps use classifier-free guidance at w (Meng et al.'s stage
+one, the w-conditioned model, folded into the first halving), a
+guidance-conditioned teacher (an earlier stage) is given w. It then samples
+at config.sample.guidance_scale in one network call per step instead of
+two. Which kind the teacher is is a flag in the state (its auxiliary slot
+holds the teacher's parameters in the student's tree, the w embedding of a
+plain teacher being the zero-output one it never used), so resuming needs
+no teacher run.
 """
 
 import functools
@@ -30,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import teacher as teacher_lib
-from diffusion_jax.diffusion import denoiser
+from diffusion_jax.diffusion import denoiser, guidance
 from diffusion_jax.methods.diffusion import DiffusionMethod
 
 
@@ -78,8 +91,10 @@ class ProgressiveDistillation(DiffusionMethod):
 
   name = 'progressive_distillation'
 
-  def setup_distillation(self, student_steps: int, load_teacher) -> None:
+  def setup_distillation(self, student_steps: int, load_teacher,
+                         guidance_range=(0.0, 0.0)) -> None:
     self.student_steps = student_steps
+    self.guidance_range = guidance_range
     self._load_teacher = functools.cache(load_teacher)
     times, alphas, sigmas = level_table(self.process, 2 * student_steps)
     self.times = jnp.asarray(times)
@@ -94,12 +109,17 @@ class ProgressiveDistillation(DiffusionMethod):
           'config.distill.student_steps must be >= 1: the number of DDIM '
           "steps the student samples in (half its teacher's)")
     method = super().from_config(config, **kwargs)
-    method.setup_distillation(n, lambda: _checked_teacher(config, n))
+    method.setup_distillation(
+        n, lambda: _checked_teacher(config, n),
+        (config.distill.guidance_min, config.distill.guidance_max))
     return method
 
   def describe(self) -> str:
+    guided = (' taking w in [{}, {}]'.format(*self.guidance_range)
+              if self.takes_guidance else '')
     return (f'progressive distillation: {2 * self.student_steps} -> '
-            f'{self.student_steps} DDIM steps, {self.prediction} student')
+            f'{self.student_steps} DDIM steps, {self.prediction} student'
+            f'{guided}')
 
   # -------------------------------------------------------------- state --
 
@@ -107,28 +127,59 @@ class ProgressiveDistillation(DiffusionMethod):
     self._load_teacher()  # outside jit: init then closes over its arrays
 
   def init_params(self, rng):
-    del rng  # the student starts as its teacher
-    return self._load_teacher().params
+    """The teacher's parameters (in a guidance-conditioned student's tree:
+    plus a fresh w embedding, whose output starts at zero)."""
+    return self._in_student_tree(self._load_teacher().params, rng)
 
   def init_aux_state(self):
-    return self._load_teacher().params
+    """The teacher's parameters; a guidance-conditioned student's: those in
+    its own tree, and whether the teacher takes w itself."""
+    teacher = self._load_teacher()
+    if not self.takes_guidance:
+      return teacher.params
+    return dict(params=self._in_student_tree(teacher.params,
+                                             jax.random.key(0)),
+                takes_guidance=jnp.asarray(teacher.method.takes_guidance))
+
+  def _in_student_tree(self, teacher_params, rng):
+    if not self.takes_guidance:
+      return teacher_params
+    fresh = DiffusionMethod.init_params(self, rng)
+    return {**fresh, **teacher_params}
 
   def abstract_init(self):
     def shapes(rng):
       params = DiffusionMethod.init_params(self, rng)
-      return self.state_from(params, params)
+      aux = (dict(params=params, takes_guidance=jnp.asarray(False))
+             if self.takes_guidance else params)
+      return self.state_from(params, aux)
     return jax.eval_shape(shapes, jax.random.key(0))
 
-  def update_aux_state(self, teacher_params, xs, values):
+  def update_aux_state(self, teacher, xs, values):
     del xs, values
-    return teacher_params
+    return teacher
 
   # ----------------------------------------------------------- training --
 
   def _at(self, table, level, x):
     return denoiser.bcast(table[level], x)
 
-  def draw(self, batch, rng, teacher_params):
+  def _teacher_network(self, teacher, labels, w):
+    """The teacher's network at labels; a guidance-conditioned student's
+    teacher: guided at w (B,), by classifier-free guidance or, when it
+    takes w itself, by its input."""
+    if not self.takes_guidance:
+      return self.network_fn(teacher, labels)
+    params = teacher['params']
+    takes_w = self.network_fn(params, labels, guidance=w)
+    combined = guidance.guided_model(
+        lambda x, t, y: self.network_fn(params, y)(x, t), labels,
+        null_label=self.num_classes, scale=w, channels=self.image_shape[-1])
+    # Only the branch taken runs (one network call, or one on 2B rows).
+    return lambda x, t: jax.lax.cond(teacher['takes_guidance'], takes_w,
+                                     combined, x, t)
+
+  def draw(self, batch, rng, teacher):
     images, labels = batch if self.with_labels else (batch, None)
     level_rng, noise_rng, label_rng = jax.random.split(rng, 3)
     n = images.shape[0]
@@ -137,7 +188,12 @@ class ProgressiveDistillation(DiffusionMethod):
     if self.with_labels:
       drop = jax.random.bernoulli(label_rng, self.label_dropout, labels.shape)
       labels = jnp.where(drop, self.num_classes, labels)
-    teach = denoiser.make_denoiser(self.network_fn(teacher_params, labels),
+    w = None
+    if self.takes_guidance:  # per example (Meng et al. 2023, Algorithm 1)
+      w = jax.random.uniform(jax.random.fold_in(rng, 3), (n,),
+                             minval=self.guidance_range[0],
+                             maxval=self.guidance_range[1])
+    teach = denoiser.make_denoiser(self._teacher_network(teacher, labels, w),
                                    self.process, self.prediction)
     coef = lambda level: (self._at(self.alphas, level, images),
                           self._at(self.sigmas, level, images))
@@ -155,11 +211,11 @@ class ProgressiveDistillation(DiffusionMethod):
     weight = jnp.maximum(jnp.square(self.alphas[2 * i] / self.sigmas[2 * i]),
                          1.0)
     return dict(z=z, t=self.times[2 * i], target=jax.lax.stop_gradient(target),
-                weights=weight, labels=labels)
+                weights=weight, labels=labels, w=w)
 
   def loss(self, params, xs, rng):
     network_fn = self.network_fn(params, xs['labels'], train=True,
-                                 dropout_rng=rng)
+                                 dropout_rng=rng, guidance=xs['w'])
     x0 = denoiser.make_denoiser(network_fn, self.process,
                                 self.prediction)(xs['z'], xs['t']).x0
     err = jnp.mean(jnp.square(x0 - xs['target']).reshape(x0.shape[0], -1),
@@ -188,7 +244,7 @@ class ProgressiveDistillation(DiffusionMethod):
     return z
 
   def network_calls(self) -> int:
-    return self.student_steps
+    return self.student_steps * self.evaluations_per_call()
 
   def sample_progressive(self, params, noise, rng, x0_at):
     raise DistillationError('progressive_timesteps need the ddpm sampler; a '
@@ -199,6 +255,11 @@ def _checked_teacher(config, student_steps: int):
   """The teacher run, checked: a distilled teacher must sample in twice
   this student's steps."""
   teacher = teacher_lib.load(config)
+  if teacher.method.takes_guidance and not config.model.guidance_input:
+    raise DistillationError(
+        f'the teacher in {teacher.workdir} takes the guidance weight as an '
+        'input (a guidance-conditioned student): set '
+        'config.model.guidance_input=True')
   if teacher.config.get('method') == ProgressiveDistillation.name:
     theirs = teacher.config.distill.student_steps
     if theirs != 2 * student_steps:

@@ -26,7 +26,8 @@ def _unet(c: ml_collections.ConfigDict, out_channels: int, image_size: int):
               num_res_blocks=c.num_res_blocks,
               attn_resolutions=tuple(c.attn_resolutions), dropout=c.dropout,
               num_groups=c.num_groups, temb_dim=c.temb_dim,
-              dtype=_DTYPES[c.dtype], num_classes=c.num_classes)
+              dtype=_DTYPES[c.dtype], num_classes=c.num_classes,
+              guidance_input=c.get('guidance_input', False))
 
 
 def _mlp(c: ml_collections.ConfigDict, out_channels: int, image_size: int):
@@ -55,4 +56,7 @@ def create_model(model_config: ml_collections.ConfigDict, out_channels: int,
     raise ValueError('config.model.num_classes must be >= 0 (0: unconditional)')
   if not 0.0 <= c.label_dropout < 1.0:
     raise ValueError('config.model.label_dropout must be in [0, 1)')
+  if c.get('guidance_input') and c.name != 'unet':
+    raise ValueError(f'config.model.guidance_input=True: only the unet takes '
+                     f'a guidance weight as input, not {c.name!r}')
   return MODELS[c.name](c, out_channels, image_size)

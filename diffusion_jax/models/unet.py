@@ -45,6 +45,11 @@ def _zero_init_last() -> nn.initializers.Initializer:
   return nn.initializers.zeros_init()
 
 
+# w -> GUIDANCE_EMBEDDING_SCALE w before the sinusoidal embedding: the
+# guidance weights of Meng et al. (2023), 0..4, then cover 0..1000 as the
+# DDPM timesteps do.
+GUIDANCE_EMBEDDING_SCALE = 250.0
+
 _default_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform')
 
 # nn.Conv (same parameters) whose weight gradient is a faster formulation on
@@ -141,6 +146,11 @@ class UNet(nn.Module):
       0..num_classes-1 are embedded and added to the time embedding, and
       label num_classes is the learned null class of classifier-free
       guidance (Ho & Salimans 2022), used when no label is given.
+    guidance_input: the guidance weight w is an input too (a guidance-
+      conditioned progressive-distillation student, Meng et al. 2023),
+      embedded like the time and added to its embedding through a last
+      layer that starts at zero, so the network starts as the same network
+      without it (a student initialised from its teacher).
   """
   out_channels: int
   ch: int = 128
@@ -152,11 +162,13 @@ class UNet(nn.Module):
   temb_dim: int = 512
   dtype: jnp.dtype = jnp.float32
   num_classes: int = 0
+  guidance_input: bool = False
 
   @nn.compact
-  def __call__(self, x, t, y=None, *, train: bool):
+  def __call__(self, x, t, y=None, *, train: bool, guidance=None):
     """x: (B, H, W, C) images, t: (B,) timesteps (integer or fractional),
-    y: (B,) int class labels or None (the null class); returns
+    y: (B,) int class labels or None (the null class), guidance: (B,)
+    guidance weights (guidance_input only; None: 0); returns
     (B, H, W, out_channels)."""
     if x.shape[1] != x.shape[2]:
       raise ValueError(f'UNet expects square images, got {x.shape[1:3]}')
@@ -184,6 +196,11 @@ class UNet(nn.Module):
     elif y is not None:
       raise ValueError('class labels given to an unconditional U-Net: set '
                        'config.model.num_classes to the number of classes')
+    if self.guidance_input:
+      temb += self._guidance_embedding(guidance, x.shape[0])
+    elif guidance is not None:
+      raise ValueError('a guidance weight given to a U-Net without '
+                       'config.model.guidance_input')
 
     h = Conv(self.ch, (3, 3), padding='SAME', dtype=self.dtype,
              kernel_init=_default_init, name='conv_in')(x.astype(self.dtype))
@@ -221,3 +238,17 @@ class UNet(nn.Module):
     h = Conv(self.out_channels, (3, 3), padding='SAME', dtype=self.dtype,
              kernel_init=_zero_init_last(), name='conv_out')(h)
     return h.astype(jnp.float32)
+
+  def _guidance_embedding(self, w, batch: int):
+    """The embedding of w, added to the time embedding: sinusoidal in
+    GUIDANCE_EMBEDDING_SCALE w (so w in [0, 4] spans the frequencies the
+    1,000 timesteps do) and a 2-layer MLP whose last layer is zero at
+    init."""
+    if w is None:
+      w = jnp.zeros((batch,), jnp.float32)
+    emb = timestep_embedding(GUIDANCE_EMBEDDING_SCALE * w, self.ch)
+    emb = nn.Dense(self.temb_dim, dtype=self.dtype, kernel_init=_default_init,
+                   name='guidance_embedding_linear_1')(emb)
+    return nn.Dense(self.temb_dim, dtype=self.dtype,
+                    kernel_init=_zero_init_last(),
+                    name='guidance_embedding_linear_2')(nn.swish(emb))
