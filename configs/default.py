@@ -104,6 +104,30 @@ def get_config() -> ml_collections.ConfigDict:
   # (config.distill.guidance_min/max); the w embedding starts at zero, so a
   # student initialised from its teacher predicts what the teacher does.
   model.guidance_input = False
+  # DiT (model.name='dit', models/dit.py; Peebles & Xie 2023). Sizes: from
+  # dit_variant 'S', 'B', 'L' or 'XL' (paper Table 1: depth 12/12/24/28,
+  # hidden 384/768/1024/1152, heads 6/12/16/16), the three dit_* sizes then
+  # staying 0; or dit_variant='custom' (tiny models), which takes all three
+  # from dit_depth, dit_hidden_size (a multiple of 4 and of the heads) and
+  # dit_num_heads. num_classes, label_dropout and dtype apply as above;
+  # dropout and the U-Net's keys (ch, ch_mult, ...) are unused by DiT (the
+  # paper trains it without dropout).
+  model.dit_variant = 'S'
+  model.dit_depth = 0
+  model.dit_hidden_size = 0
+  model.dit_num_heads = 0
+  # p: tokens are p x p patches (DiT-XL/2: p = 2); 2, 4 or 8, dividing
+  # data.image_size.
+  model.patch_size = 2
+  model.mlp_ratio = 4.0  # MLP width / hidden size (4 in every variant).
+  # Where diffusers' DiTTransformer2DModel differs from the reference code
+  # (github.com/facebookresearch/DiT, which trained the released weights):
+  # time frequencies 10000^(-i/(128 - shift)), shift 0 as the reference, 1
+  # as diffusers; the LayerNorm before each MLP uses eps 1e-6 in the
+  # reference, diffusers' norm_eps (default 1e-5). convert/diffusers_dit.py
+  # sets both.
+  model.dit_time_freq_shift = 0
+  model.dit_mlp_norm_eps = 1e-6
 
   # Optimisation (diffusion_jax/train_state.py).
   config.optim = optim = ml_collections.ConfigDict()

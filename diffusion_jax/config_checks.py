@@ -19,7 +19,8 @@ POSITIVE = (
     'batch_size', 'num_train_steps', 'log_every_steps',
     'checkpoint_every_steps', 'steps_per_call', 'grad_accum_steps',
     'data.image_size', 'data.channels', 'model.ch', 'model.num_res_blocks',
-    'model.num_groups', 'model.temb_dim', 'diffusion.num_timesteps',
+    'model.num_groups', 'model.temb_dim', 'model.mlp_ratio',
+    'model.dit_mlp_norm_eps', 'diffusion.num_timesteps',
     'sample.num_images', 'sample.batch_size', 'sample.progressive_num_images',
     'sample_grid.num_images', 'eval.batch_size',
     'sample_quality.train_num_samples', 'sample_quality.resize_to',
@@ -40,7 +41,8 @@ NON_NEGATIVE = (
     'sample.sigma_min', 'sample.sigma_max', 'sample.s_churn',
     'sample.s_tmin', 'sample.s_tmax',
     'data.prefetch',
-    'model.num_classes', 'consistency.huber_c', 'distill.guidance_min')
+    'model.num_classes', 'consistency.huber_c', 'distill.guidance_min',
+    'model.dit_depth', 'model.dit_hidden_size', 'model.dit_num_heads')
 # key: (low, high, high included)
 INTERVALS = {
     'optim.ema_decay': (0.0, 1.0, False),
@@ -57,6 +59,10 @@ INTERVALS = {
 # the registry itself in experiment.build and the method's from_config.
 CHOICES = {
     'model.dtype': ('float32', 'bfloat16', 'float16'),
+    # models/dit.py's DIT_VARIANTS (not imported: no JAX here), or 'custom'.
+    'model.dit_variant': ('S', 'B', 'L', 'XL', 'custom'),
+    'model.patch_size': (2, 4, 8),
+    'model.dit_time_freq_shift': (0, 1),
     'sample.spacing': ('karras', 'logsnr', 'time'),
     'consistency.metric': ('pseudo_huber', 'l2'),
     'sample.solver_order': (1, 2, 3),
@@ -120,6 +126,7 @@ def check(config, mode: str = 'train') -> None:
   del mode  # every mode checks every value (issue 18)
   _check_pairs(config)
   _check_model(config)
+  _check_dit(config)
   _check_guidance_input(config)
   _check_posthoc_ema(config)
   _check_consistency_sigmas(config)
@@ -167,6 +174,53 @@ def _check_model(config):
           f'channels of a level (config.model.ch={ch} x ch_mult {m}): '
           'GroupNorm needs a divisor of every level\'s channels, e.g. '
           f'{math.gcd(*[ch * k for k in mult])}')
+
+
+def _check_dit(config):
+  """DiT's sizes: from the variant or all custom, heads dividing the hidden
+  size, patches tiling the image."""
+  if _get(config, 'model.name') != 'dit':
+    return
+  variant = _get(config, 'model.dit_variant')
+  keys = ('model.dit_depth', 'model.dit_hidden_size', 'model.dit_num_heads')
+  sizes = [_get(config, k) or 0 for k in keys]
+  if variant != 'custom' and any(sizes):
+    key, value = next((k, v) for k, v in zip(keys, sizes) if v)
+    raise ConfigError(
+        f'config.{key}={value} is set but config.model.dit_variant='
+        f'{variant!r} fixes the sizes (paper Table 1): set '
+        "dit_variant='custom' to use dit_depth, dit_hidden_size and "
+        'dit_num_heads, or set them to 0')
+  if variant == 'custom':
+    for key, value in zip(keys, sizes):
+      if value <= 0:
+        raise ConfigError(
+            f"config.{key}={value}: config.model.dit_variant='custom' takes "
+            'its sizes from dit_depth, dit_hidden_size and dit_num_heads; set '
+            'all three > 0 (e.g. 2, 64, 4), or pick a variant S/B/L/XL')
+    _, hidden, heads = sizes
+    if hidden % heads:
+      divisors = [h for h in range(1, hidden + 1) if hidden % h == 0]
+      near = min(divisors, key=lambda h: abs(h - heads))
+      raise ConfigError(
+          f'config.model.dit_num_heads={heads} does not divide '
+          f'config.model.dit_hidden_size={hidden}: each head gets '
+          f'hidden/heads channels; use a divisor, e.g. {near}')
+    if hidden % 4:
+      raise ConfigError(
+          f'config.model.dit_hidden_size={hidden} must be a multiple of 4 '
+          '(the 2-D sin-cos position embedding gives a quarter of it to each '
+          f'of sin/cos x row/column): e.g. {hidden + 4 - hidden % 4}')
+  size, patch = (_get(config, 'data.image_size'),
+                 _get(config, 'model.patch_size'))
+  if size and patch and size % patch:
+    fits = [p for p in (2, 4, 8) if size % p == 0]
+    fix = (f'use config.model.patch_size={fits[-1]}' if fits else
+           'use an image size divisible by 2, 4 or 8')
+    raise ConfigError(
+        f'config.data.image_size={size} is not divisible by '
+        f'config.model.patch_size={patch}: DiT tiles the image with '
+        f'{patch}x{patch} patches; {fix}')
 
 
 def _check_guidance_input(config):
@@ -229,3 +283,4 @@ def _check_consistency_sigmas(config):
         'decreasing noise levels in (diffusion.edm_sigma_min, edm_sigma_max]'
         f' = ({lo}, {hi}]: e.g. () for one step from {hi}, ({hi}, 0.821) '
         'for two (iCT on CIFAR-10)')
+

@@ -1,8 +1,10 @@
-"""Networks registered by name (config.model.name): 'unet' and 'mlp'."""
+"""Networks registered by name (config.model.name): 'unet', 'mlp' and
+'dit'."""
 
 import jax.numpy as jnp
 import ml_collections
 
+from diffusion_jax.models import dit
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet
 
@@ -38,7 +40,21 @@ def _mlp(c: ml_collections.ConfigDict, out_channels: int, image_size: int):
              temb_dim=c.temb_dim, num_classes=c.num_classes)
 
 
-MODELS = {'unet': _unet, 'mlp': _mlp}
+def _dit(c: ml_collections.ConfigDict, out_channels: int, image_size: int):
+  """The Diffusion Transformer (models/dit.py): sizes from
+  config.model.dit_variant, patch config.model.patch_size."""
+  depth, hidden, heads = dit.resolve_size(
+      c.dit_variant, c.dit_depth, c.dit_hidden_size, c.dit_num_heads)
+  if image_size:
+    dit.check_patch_size(image_size, c.patch_size)
+  return dit.DiT(out_channels=out_channels, patch_size=c.patch_size,
+                 hidden_size=hidden, depth=depth, num_heads=heads,
+                 mlp_ratio=c.mlp_ratio, num_classes=c.num_classes,
+                 time_freq_shift=c.dit_time_freq_shift,
+                 mlp_norm_eps=c.dit_mlp_norm_eps, dtype=_DTYPES[c.dtype])
+
+
+MODELS = {'unet': _unet, 'mlp': _mlp, 'dit': _dit}
 
 
 def create_model(model_config: ml_collections.ConfigDict, out_channels: int,
