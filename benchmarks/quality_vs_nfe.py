@@ -9,8 +9,12 @@ checkpoint's EMA parameters and the same starting noise, draws --num_samples
 images per (sampler, NFE) and scores them with the digits' own classifier
 against the test split (FD, as the first run, issue 13), beside the floor of
 as many real training digits (3 draws). NFE counts network calls per image
-exactly (sampling.network_calls): EDM's Heun makes 2N - 1 calls for N noise
-levels, so it is run at the largest N within each budget. The reference row
+exactly (method.network_calls): EDM's Heun makes 2N - 1 calls for N noise
+levels, so it is run at the largest N within each budget; classifier-free
+guidance evaluates the network twice per call. A class-conditional
+checkpoint is sampled at each --guidance_scales w (default: its config's),
+and its rows also report the accuracy of the digits classifier on the
+samples against the labels they were drawn for. The reference row
 is the 1,000-step ancestral sampler. --run adds rows for other runs
 (distilled and consistency students) sampled as their own configs say.
 Writes quality_vs_nfe.png (FD against
@@ -40,7 +44,8 @@ from diffusion_jax import experiment, generate, parallel, run_config
 from diffusion_jax import trainer
 from diffusion_jax import visualization
 from diffusion_jax.data import sources
-from diffusion_jax.diffusion import sampling
+from diffusion_jax.diffusion import guidance, sampling
+from diffusion_jax.metrics import classifier
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_string('config', 'default', 'A module of configs/.')
@@ -58,6 +63,10 @@ flags.DEFINE_multi_string(
     "student, another config), scored with its own config.json and sampler "
     "at its own NFE; 'DIR key=value ...' overrides its config first, e.g. "
     "--run='runs/ict consistency.sample_sigmas=(80.0,0.821)'. Repeatable.")
+flags.DEFINE_list('guidance_scales', [],
+                  'Class-conditional checkpoints: the guidance weights w of '
+                  "the sampler rows (default: the config's "
+                  'sample.guidance_scale).')
 flags.DEFINE_integer('reference_steps', 1000,
                      'Steps of the ancestral reference row (0: none).')
 common.define_smoke_flags()
@@ -122,24 +131,41 @@ def main(_):
   params, step = trained_params(config, mesh, FLAGS.workdir)
   exp = experiment.build(config, mesh, mode='sample')
   process, base = exp.method.process, exp.method.sample_settings
-  score, _ = common.classifier_scorer(
+  score_fd, network = common.classifier_scorer(
       config.data, os.path.join(FLAGS.workdir, 'classifier'))
+
+  def score(images, method=None, **kw):
+    out = score_fd(images, **kw)
+    if method is not None and getattr(method, 'num_classes', 0):
+      labels = np.asarray(guidance.class_labels(
+          len(images), method.num_classes, method.class_label))
+      out['accuracy'] = classifier.accuracy(
+          network.variables, network.num_classes, images, labels)
+    return out
+
   real = sources.load_split(config.data, 'train').images
-  floor = score(real[:FLAGS.num_samples], floor_seeds=3)
+  floor = score_fd(real[:FLAGS.num_samples], floor_seeds=3)
   rows = []
   plan = [(s, int(n)) for s in FLAGS.samplers for n in FLAGS.nfe]
   if FLAGS.reference_steps:
     plan.append(('ddpm', FLAGS.reference_steps))
-  for sampler, nfe in plan:
+  scales = [float(w) for w in FLAGS.guidance_scales] or [
+      exp.method.guidance_scale]
+  if scales != [exp.method.guidance_scale] and not exp.method.num_classes:
+    raise app.UsageError('--guidance_scales needs a class-conditional config')
+  for (sampler, nfe), w in ((p, w) for p in plan for w in scales):
     if not sampling.SAMPLERS[sampler].applies(process):
       continue
     settings = dataclasses.replace(base, sampler=sampler,
                                    num_steps=num_steps_for(sampler, nfe))
     sampling.check(process, exp.method.prediction, settings)
-    calls = sampling.network_calls(process, settings)
+    exp.method.guidance_scale = w
+    exp.method.sample_settings = settings
     images, seconds = draw(exp, params, FLAGS.num_samples, settings)
-    rows.append(dict(sampler=sampler, num_steps=settings.num_steps,
-                     nfe=calls, sample_s=seconds, **score(images)))
+    name = f'{sampler} w={w:g}' if exp.method.num_classes else sampler
+    rows.append(dict(sampler=name, num_steps=settings.num_steps,
+                     nfe=exp.method.network_calls(), sample_s=seconds,
+                     **score(images, exp.method)))
     logging.info('%s', rows[-1])
   for spec in FLAGS.run:  # students: their own config and sampler
     run_dir, *overrides = spec.split()
@@ -154,22 +180,24 @@ def main(_):
                          os.path.normpath(run_dir)), *overrides]),
                      method=run_exp.method.describe(), num_steps='-',
                      nfe=run_exp.method.network_calls(), sample_s=seconds,
-                     **score(images)))
+                     **score(images, run_exp.method)))
     logging.info('%s', rows[-1])
   cpu = common.cpu_model()
   lines = [
       f'# {cpu}; jax {jax.__version__}; configs/{FLAGS.config}.py at step '
       f'{step}; {FLAGS.num_samples} samples per row vs the test split',
       '| sampler | num_steps | NFE | classifier FD | x floor | KID | IS | '
-      f'sampling s ({FLAGS.num_samples}) |', '|---|---|---|---|---|---|---|---|',
+      f'class accuracy | sampling s ({FLAGS.num_samples}) |',
+      '|---|---|---|---|---|---|---|---|---|',
       f"| real training digits | - | - | {floor['floor_fd_mean']:.2f} +- "
       f"{floor['floor_fd_std']:.2f} | 1.00 | {floor['floor_kid_mean']:.1f} | "
-      '- | - |']
+      '- | - | - |']
   for r in rows:
+    accuracy = f"{r['accuracy']:.3f}" if 'accuracy' in r else '-'
     lines.append(
         f"| {r['sampler']} | {r['num_steps']} | {r['nfe']} | {r['fd']:.2f} | "
         f"{r['fd'] / floor['floor_fd_mean']:.2f} | {r['kid_mean']:.1f} | "
-        f"{r['is_mean']:.2f} | {r['sample_s']:.1f} |")
+        f"{r['is_mean']:.2f} | {accuracy} | {r['sample_s']:.1f} |")
   table = '\n'.join(lines)
   print(table)
   os.makedirs(FLAGS.workdir, exist_ok=True)

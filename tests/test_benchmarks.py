@@ -40,7 +40,9 @@ SMOKE = {
     'objectives_digits': ([], True),
     'scaling': ([], True),
     'first_run': ([] if HAVE_TORCH else ['--no-diffusers'], True),
-    'quality_vs_nfe': ([], True),
+    # Class-conditional, so guidance weights and class accuracy run too.
+    'quality_vs_nfe': (['--config=digits_cfg', '--guidance_scales=0,2'],
+                       True),
     # --malloc=ab: every candidate through with_malloc_variants (SelfTimed).
     'vs_diffusers': (['--malloc=ab'] + ([] if HAVE_TORCH else ['--notorch']),
                      True),
@@ -99,18 +101,23 @@ def check_first_run(report):
 
 
 def check_quality_vs_nfe(report):
-  """Every sampler of the ddpm checkpoint ran within its NFE budget of 3
-  (EDM's Heun: 2 levels, 3 calls), plus the 4-step ancestral reference."""
+  """Every sampler of the class-conditional ddpm checkpoint ran within its
+  NFE budget of 3 (EDM's Heun: 2 levels, 3 calls) at w = 0 and, with two
+  evaluations per call under guidance, at w = 2, plus the 4-step ancestral
+  reference; class accuracies are fractions."""
   rows = {(r['sampler'], r['nfe']) for r in report['rows']}
-  # The last rows: the run itself through --run, with its own DDIM 50 and
-  # with an override.
-  assert rows == {('ddim', 3), ('edm', 3), ('dpm_solver_pp', 3),
-                  ('unipc', 3), ('ddpm', 3), ('ddpm', 4),
-                  ('quality_vs_nfe_smoke', 50),
-                  ('quality_vs_nfe_smoke sample.num_steps=4', 4)}, rows
+  samplers = [('ddim', 3), ('edm', 3), ('dpm_solver_pp', 3), ('unipc', 3),
+              ('ddpm', 3), ('ddpm', 4)]
+  # The last rows: the run itself through --run, with its own DDIM 100 at
+  # its config's w = 1 (two evaluations per call), and with an override.
+  assert rows == {*[(f'{s} w=0', n) for s, n in samplers],
+                  *[(f'{s} w=2', 2 * n) for s, n in samplers],
+                  ('quality_vs_nfe_smoke', 200),
+                  ('quality_vs_nfe_smoke sample.num_steps=4', 8)}, rows
   assert report['num_samples'] == 16 and report['cpu']
   for r in report['rows']:
     positive(r['fd'], r['sample_s'])
+    assert 0.0 <= r['accuracy'] <= 1.0
   positive(report['floor']['floor_fd_mean'])
   assert os.path.exists(report['plot'])
 
