@@ -182,9 +182,30 @@ def load_diffusers_unet(path: str) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 # ------------------------------------------------------------------- config --
-def _reject(field: str, value: Any, why: str):
+def reject(field: str, value: Any, why: str, model: str = 'U-Net'):
   raise ValueError(f'diffusers config {field}={value!r} cannot be represented '
-                   f'by our U-Net: {why}')
+                   f'by our {model}: {why}')
+
+
+_reject = reject
+
+
+def resolve_config(hf_config: Mapping[str, Any], defaults: Mapping[str, Any],
+                   fixed, model: str, also_known=()) -> dict:
+  """A diffusers config.json with the class's __init__ defaults filled in
+  (a missing key means diffusers builds the model with the default, so we
+  must read it the same way), unknown fields logged, and each (field, value,
+  why) of `fixed` checked: our `model` reproduces only that value."""
+  unknown = sorted(k for k in hf_config if not k.startswith('_')
+                   and k not in defaults and k not in also_known)
+  if unknown:
+    logging.warning('Ignoring diffusers %s config fields unknown to this '
+                    'converter: %s', model, unknown)
+  c = {**defaults, **{k: v for k, v in hf_config.items() if k in defaults}}
+  for field, want, why in fixed:
+    if c[field] != want:
+      reject(field, c[field], f'needs {want!r} ({why})', model)
+  return c
 
 
 def config_from_diffusers(
@@ -200,17 +221,7 @@ def config_from_diffusers(
   class_name = hf_config.get('_class_name', 'UNet2DModel')
   if class_name != 'UNet2DModel':
     _reject('_class_name', class_name, 'only UNet2DModel is supported')
-  unknown = sorted(k for k in hf_config
-                   if not k.startswith('_') and k not in _DIFFUSERS_DEFAULTS)
-  if unknown:
-    logging.warning('Ignoring diffusers config fields unknown to this '
-                    'converter: %s', unknown)
-  c = {**_DIFFUSERS_DEFAULTS,
-       **{k: v for k, v in hf_config.items() if k in _DIFFUSERS_DEFAULTS}}
-
-  for field, want, why in _FIXED:
-    if c[field] != want:
-      _reject(field, c[field], f'needs {want!r} ({why})')
+  c = resolve_config(hf_config, _DIFFUSERS_DEFAULTS, _FIXED, 'U-Net')
   if c['act_fn'] not in ('silu', 'swish'):
     _reject('act_fn', c['act_fn'], 'our U-Net uses silu (swish) only')
   if not math.isclose(c['norm_eps'], _FLAX_GROUPNORM_EPS, rel_tol=1e-3):

@@ -112,8 +112,7 @@ def find_model_dir(path: str) -> str:
 
 
 def _reject(field: str, value: Any, why: str):
-  raise ValueError(f'diffusers DiT config {field}={value!r} cannot be '
-                   f'represented by our DiT: {why}')
+  cd.reject(field, value, why, 'DiT')
 
 
 def _read(hf_config: Mapping[str, Any]) -> dict:
@@ -128,18 +127,10 @@ def _read(hf_config: Mapping[str, Any]) -> dict:
   for field, (want, why) in _LEGACY_FIELDS.items():
     if hf_config.get(field, want) != want:
       _reject(field, hf_config[field], f'needs {want!r} ({why})')
-  known = set(_DIT_DEFAULTS) | set(_LEGACY_FIELDS) | {
-      'use_linear_projection', 'interpolation_scale', 'norm_num_groups'}
-  unknown = sorted(k for k in hf_config if not k.startswith('_')
-                   and k not in known)
-  if unknown:
-    logging.warning('Ignoring diffusers DiT config fields unknown to this '
-                    'converter: %s', unknown)
-  c = {**_DIT_DEFAULTS,
-       **{k: v for k, v in hf_config.items() if k in _DIT_DEFAULTS}}
-  for field, want, why in _FIXED:
-    if c[field] != want:
-      _reject(field, c[field], f'needs {want!r} ({why})')
+  c = cd.resolve_config(
+      hf_config, _DIT_DEFAULTS, _FIXED, 'DiT',
+      also_known=(*_LEGACY_FIELDS, 'use_linear_projection',
+                  'interpolation_scale', 'norm_num_groups'))
   if not c['num_embeds_ada_norm']:
     _reject('num_embeds_ada_norm', c['num_embeds_ada_norm'],
             'adaLN-Zero needs the number of classes')

@@ -19,7 +19,6 @@ import functools
 import os
 from typing import Any, Mapping, Optional
 
-from absl import logging
 import jax
 import numpy as np
 
@@ -95,8 +94,7 @@ class ImportedVAE:
 
 
 def _reject(field: str, value: Any, why: str):
-  raise ValueError(f'diffusers config {field}={value!r} cannot be represented '
-                   f'by our AutoencoderKL: {why}')
+  unet_convert.reject(field, value, why, 'AutoencoderKL')
 
 
 def _find_vae_dir(path: str) -> str:
@@ -122,16 +120,8 @@ def settings_from_diffusers(hf_config: Mapping[str, Any]) -> dict:
   class_name = hf_config.get('_class_name', CLASS_NAME)
   if class_name != CLASS_NAME:
     _reject('_class_name', class_name, f'only {CLASS_NAME} is supported')
-  unknown = sorted(k for k in hf_config
-                   if not k.startswith('_') and k not in _DIFFUSERS_DEFAULTS)
-  if unknown:
-    logging.warning('Ignoring diffusers config fields unknown to this '
-                    'converter: %s', unknown)
-  c = {**_DIFFUSERS_DEFAULTS,
-       **{k: v for k, v in hf_config.items() if k in _DIFFUSERS_DEFAULTS}}
-  for field, want, why in _FIXED:
-    if c[field] != want:
-      _reject(field, c[field], f'needs {want!r} ({why})')
+  c = unet_convert.resolve_config(hf_config, _DIFFUSERS_DEFAULTS, _FIXED,
+                        'AutoencoderKL')
   # diffusers' get_activation maps both names to nn.SiLU.
   if c['act_fn'] not in ('silu', 'swish'):
     _reject('act_fn', c['act_fn'], 'our AutoencoderKL uses silu only')
