@@ -46,6 +46,10 @@ SMOKE = {
     # --malloc=ab: every candidate through with_malloc_variants (SelfTimed).
     'vs_diffusers': (['--malloc=ab'] + ([] if HAVE_TORCH else ['--notorch']),
                      True),
+    # bfloat16: its float32 agreement check compiles a forward of its own,
+    # and torch runs under autocast.
+    'dit_speed': (['--dtype=bfloat16'] + ([] if HAVE_TORCH else
+                                          ['--notorch']), True),
 }
 
 
@@ -239,6 +243,43 @@ def check_vs_diffusers(report):
     positive(*loop, *fwd)
     assert close(sample['overhead'],
                  np.median(np.array(loop) / n / fwd) - 1)
+
+
+def check_dit_speed(report):
+  b = report['batch']
+  assert report['cpu'] and report['dtype'] == 'bfloat16'
+  assert list(report['variants']) == ['tiny/2']
+  for v in report['variants'].values():
+    params = v['params']
+    positive(params['ours'], params['embedder'], *v['compile_s'].values())
+    for kind in ('forward', 'train'):
+      part = v[kind]
+      positive(part['flops'])
+      cands = part['candidates']
+      assert set(cands) == ({'ours', 'diffusers+torch'} if HAVE_TORCH
+                            else {'ours'})
+      for c in cands.values():
+        positive(*c['times'])
+        assert close(c['median_s'], np.median(c['times']))
+        assert close(c['ms'], 1e3 * c['median_s'])
+        assert close(c['images_per_s'], b / c['median_s'])
+        assert close(c['gflop_per_s'], part['flops'] / c['median_s'] / 1e9)
+      if HAVE_TORCH:
+        assert close(part['ours_over_theirs'], np.median(
+            np.array(cands['ours']['times']) /
+            cands['diffusers+torch']['times']))
+    assert v['forward']['flops'] < v['train']['flops']
+    if HAVE_TORCH:
+      # One embedder copy per diffusers block; the same function (float32)
+      # and, in bfloat16, nearly the same first loss.
+      assert params['diffusers'] == params['ours'] + (
+          v['depth'] - 1) * params['embedder']
+      assert v['agreement']['max_rel_diff'] <= 1e-4
+      assert v['agreement']['bf16_max_rel_diff'] < 0.05
+      loss = v['first_loss']
+      assert close(loss['rel_diff'], abs(loss['ours'] - loss['diffusers+torch'])
+                   / abs(loss['diffusers+torch']))
+      assert loss['rel_diff'] < 0.01
 
 
 CHECKS = {name[len('check_'):]: fn for name, fn in globals().items()
