@@ -26,6 +26,7 @@ from diffusion_jax import checkpointing, experiment, parallel, posthoc_ema
 from diffusion_jax import report
 from diffusion_jax import visualization
 from diffusion_jax import errors
+from diffusion_jax import flops
 from diffusion_jax.experiment import GRID_STREAM, Experiment
 from diffusion_jax.metrics import sample_quality
 from diffusion_jax.preemption import PreemptionGuard
@@ -191,6 +192,11 @@ def _train(exp: Experiment, workdir: str, checkpointer):
                         'num_devices': int(mesh.devices.size)})
 
   train_step = exp.jit_train_step()
+  # MFU (flops.py): XLA's FLOPs of the step, counted at the first call.
+  peak_tflops, peak_source = flops.device_peak()
+  flops_per_step = None
+  logging.info('Peak for MFU: %s TFLOP/s per device (%s).', peak_tflops,
+               peak_source)
   sample_fn = grid_noise = network = floor = None
   if loop.grid_every_steps or loop.quality_every_steps:
     sample_fn = exp.jit_sample_fn()
@@ -217,6 +223,9 @@ def _train(exp: Experiment, workdir: str, checkpointer):
       for done in range(start_step + k, num_steps + 1, k):
         batch = next(train_iter) if k == 1 else tuple(
             next(train_iter) for _ in range(k))
+        if done == start_step + k:
+          per_call = flops.step_flops(train_step.lower(state, batch))
+          flops_per_step = per_call / k if per_call else None
         state, metrics = train_step(state, batch)
         # NaN/inf stop within one call of the first bad step: the previous
         # call's few scalars are ready (or nearly) once this one is queued,
@@ -238,8 +247,10 @@ def _train(exp: Experiment, workdir: str, checkpointer):
           jax.block_until_ready(state.step)
           sec = (time.perf_counter() - timing_start[1]) / (done - timing_start[0])
           logging.info('Measured %.4f s/step (%.1f images/s): %d steps take '
-                       'about %s.', sec, loop.batch_size / sec, num_steps,
-                       _hms(sec * (num_steps - start_step)))
+                       'about %s.%s', sec, loop.batch_size / sec, num_steps,
+                       _hms(sec * (num_steps - start_step)),
+                       _mfu_line(flops_per_step, 1.0 / sec, mesh.devices.size,
+                                 peak_tflops, peak_source))
           eta_logged = True
         is_last = done == num_steps
         # Every process asks at every call with the same id (done // k).
@@ -250,12 +261,18 @@ def _train(exp: Experiment, workdir: str, checkpointer):
           t_now = time.perf_counter()
           summary = _flush_metrics(pending, first_pending, writer,
                                    checkpointer, t_last, t_now)
+          rates = {}
           if 'steps_per_sec' in summary:
-            writer.write_scalars(done, {'images_per_sec':
-                                        summary['steps_per_sec'] *
-                                        loop.batch_size})
+            rates = {'images_per_sec': summary['steps_per_sec'] *
+                                       loop.batch_size,
+                     **flops.throughput(flops_per_step,
+                                        summary['steps_per_sec'],
+                                        mesh.devices.size, peak_tflops)}
+            writer.write_scalars(done, rates)
           if 'loss' in summary:
-            bar.set_postfix(loss=f"{summary['loss']:.4f}")
+            bar.set_postfix(loss=f"{summary['loss']:.4f}",
+                            **({'mfu': f"{rates['mfu']:.1%}"}
+                               if 'mfu' in rates else {}))
           pending, first_pending, t_last = [], done, t_now
         if save_now:
           # The loss of the last step was computed before its update; check
@@ -309,6 +326,21 @@ def _write_report(workdir):
     logging.warning('Could not write %s/report.html (%s: %s); the run itself '
                     'is complete. Retry with python -m diffusion_jax.report '
                     '%s', workdir, type(e).__name__, e, workdir)
+
+
+def _mfu_line(flops_per_step, steps_per_sec, num_devices, peak_tflops,
+              peak_source) -> str:
+  """' XLA counts ... MFU ...' for the projection line, or ''."""
+  rates = flops.throughput(flops_per_step, steps_per_sec, num_devices,
+                           peak_tflops)
+  if not rates:
+    return ''
+  line = (f' XLA counts {flops_per_step / 1e9:.3g} GFLOP per step: '
+          f'{rates["tflops_per_device"]:.3g} TFLOP/s per device')
+  if 'mfu' in rates:
+    line += (f', MFU {rates["mfu"]:.1%} of {peak_tflops:.4g} TFLOP/s '
+             f'({peak_source})')
+  return line + '.'
 
 
 def _hms(seconds: float) -> str:

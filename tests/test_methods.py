@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from diffusion_jax import methods
+from diffusion_jax import flops, methods
 from diffusion_jax.data import sources
 from diffusion_jax.diffusion import likelihood
 from diffusion_jax.train_state import create_optimizer, learning_rate_schedule
@@ -110,6 +110,15 @@ def test_checkpoints_logs_and_grid_of_the_loop(trained):
   # for N(0, 1) on data in [-1, 1], at least 0.919).
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   assert float(tf.make_ndarray(loss[-1].tensor_proto)) < 0.5
+  # Throughput at every log step: XLA's FLOPs of the step against the
+  # CPU's measured peak (flops.py), mfu = achieved / peak.
+  value = lambda e: float(tf.make_ndarray(e.tensor_proto))
+  mfu, achieved = events.Tensors('mfu'), events.Tensors('tflops_per_device')
+  assert [e.step for e in mfu] == [e.step for e in loss]
+  peak = flops.measured_cpu_peak_tflops()
+  for m, a in zip(mfu, achieved):
+    assert 0 < value(m) < 1
+    np.testing.assert_allclose(value(m), value(a) / peak, rtol=1e-5)
 
 
 def test_resume_continues_exactly(trained, tmp_path):
