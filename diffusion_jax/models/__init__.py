@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffusion_jax.models import dit
+from diffusion_jax.models import text
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet
 
@@ -24,12 +25,20 @@ def _unet(c: ml_collections.ConfigDict, out_channels: int, image_size: int):
         f'config.data.image_size={image_size} cannot be halved {levels - 1} '
         f'times by the U-Net (config.model.ch_mult={tuple(c.ch_mult)}): '
         'use fewer levels or another image size')
+  context = text.context_kwargs(c)
+  heads = c.get('cross_attn_heads', 4)
+  if context['context_dim'] and (
+      heads <= 0 or any(c.ch * m % heads for m in c.ch_mult)):
+    raise ValueError(
+        f'config.model.cross_attn_heads={heads} does not divide every channel '
+        f'count {[c.ch * m for m in c.ch_mult]} of the U-Net: change it')
   return UNet(out_channels=out_channels, ch=c.ch, ch_mult=tuple(c.ch_mult),
               num_res_blocks=c.num_res_blocks,
               attn_resolutions=tuple(c.attn_resolutions), dropout=c.dropout,
               num_groups=c.num_groups, temb_dim=c.temb_dim,
               dtype=_DTYPES[c.dtype], num_classes=c.num_classes,
-              guidance_input=c.get('guidance_input', False))
+              guidance_input=c.get('guidance_input', False),
+              cross_attn_heads=heads, **context)
 
 
 def _mlp(c: ml_collections.ConfigDict, out_channels: int, image_size: int):
@@ -51,7 +60,8 @@ def _dit(c: ml_collections.ConfigDict, out_channels: int, image_size: int):
                  hidden_size=hidden, depth=depth, num_heads=heads,
                  mlp_ratio=c.mlp_ratio, num_classes=c.num_classes,
                  time_freq_shift=c.dit_time_freq_shift,
-                 mlp_norm_eps=c.dit_mlp_norm_eps, dtype=_DTYPES[c.dtype])
+                 mlp_norm_eps=c.dit_mlp_norm_eps, dtype=_DTYPES[c.dtype],
+                 **text.context_kwargs(c))
 
 
 MODELS = {'unet': _unet, 'mlp': _mlp, 'dit': _dit}
@@ -75,4 +85,7 @@ def create_model(model_config: ml_collections.ConfigDict, out_channels: int,
   if c.get('guidance_input') and c.name != 'unet':
     raise ValueError(f'config.model.guidance_input=True: only the unet takes '
                      f'a guidance weight as input, not {c.name!r}')
+  if c.get('context_dim', 0) and c.name not in ('unet', 'dit'):
+    raise ValueError(f'config.model.context_dim > 0: only the unet and dit '
+                     f'cross-attend to a context sequence, not {c.name!r}')
   return MODELS[c.name](c, out_channels, image_size)

@@ -14,6 +14,14 @@ counts equal its figures and diffusers' DiTTransformer2DModel weights map onto
 ours (diffusion_jax/convert/diffusers_dit.py). Two details where diffusers'
 port differs from the reference are attributes, 0 and 1e-6 meaning the
 reference: `time_freq_shift` and `mlp_norm_eps` (see DiT).
+
+With context_dim > 0 each block also cross-attends to a token sequence (a
+caption, models/text.py) between its self-attention and its MLP, where
+PixArt-alpha puts it (Chen et al. 2023, "Efficient T2I Transformer"): a
+plain residual branch, not modulated or gated by adaLN (the time still
+modulates self-attention and MLP), whose output projection starts at zero,
+so the block starts as the block without it. Unlike PixArt we pre-normalise the tokens (an affine
+LayerNorm, as LDM's BasicTransformerBlock), models/cross_attention.py.
 """
 
 import math
@@ -22,6 +30,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from diffusion_jax.models import text
+from diffusion_jax.models.cross_attention import CrossAttentionBlock
 
 # Paper Table 1: (depth N, hidden size d, heads); any patch size 2, 4 or 8.
 DIT_VARIANTS = {
@@ -175,7 +186,9 @@ class DiTBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, c):
+  def __call__(self, x, c, context=None):
+    """context: None, or (keys/values (B, L, D_ctx), mask (B, L)) for a
+    cross-attention sub-layer after self-attention."""
     d = x.shape[-1]
     mod = nn.Dense(6 * d, dtype=self.dtype, kernel_init=_zeros,
                    name='adaLN_modulation')(nn.silu(c))
@@ -184,6 +197,9 @@ class DiTBlock(nn.Module):
     h = Attention(self.num_heads, self.dtype, name='attn')(
         modulate(layer_norm(x), shift_msa, scale_msa))
     x = x + gate_msa[:, None, :] * h
+    if context is not None:
+      x = CrossAttentionBlock(self.num_heads, norm_eps=LAYER_NORM_EPS,
+                              dtype=self.dtype, name='cross_attn')(x, *context)
     h = Mlp(int(d * self.mlp_ratio), self.dtype, name='mlp')(
         modulate(layer_norm(x, self.mlp_norm_eps), shift_mlp, scale_mlp))
     return x + gate_mlp[:, None, :] * h
@@ -261,6 +277,13 @@ class DiT(nn.Module):
       reference; diffusers' DiT takes its config's norm_eps (default 1e-5)
       there (the other LayerNorms use 1e-6 in both).
     dtype: compute dtype (parameters stay float32).
+    context_dim: 0, or the width of the context tokens each block cross-
+      attends to (with num_heads heads; module docstring, models/text.py).
+    text_vocab_size: 0: the context is precomputed (B, L, context_dim)
+      embeddings; > 0: (B, L) token ids encoded by a text encoder of this
+      vocabulary trained with the network (text.TextEncoder).
+    text_max_length, text_depth, text_heads: that encoder's positions,
+      blocks and heads.
   """
   out_channels: int
   patch_size: int = 2
@@ -272,11 +295,20 @@ class DiT(nn.Module):
   time_freq_shift: float = 0.0
   mlp_norm_eps: float = LAYER_NORM_EPS
   dtype: jnp.dtype = jnp.float32
+  context_dim: int = 0
+  text_vocab_size: int = 0
+  text_max_length: int = 0
+  text_depth: int = 2
+  text_heads: int = 4
 
   @nn.compact
-  def __call__(self, x, t, y=None, *, train: bool):
+  def __call__(self, x, t, y=None, *, train: bool, context=None,
+               context_mask=None):
     """x: (B, H, W, C), t: (B,) timesteps (integer or fractional), y: (B,)
-    int labels or None; returns (B, H, W, out_channels) float32."""
+    int labels or None, context: (B, L) token ids or (B, L, context_dim)
+    embeddings, context_mask: (B, L) bool (True: a real token; a row
+    without one, or context None: the null sequence); returns
+    (B, H, W, out_channels) float32."""
     del train  # no dropout: the reference trains DiT without it
     b, height, width, _ = x.shape
     p, d = self.patch_size, self.hidden_size
@@ -304,9 +336,15 @@ class DiT(nn.Module):
       raise ValueError('class labels given to an unconditional DiT: set '
                        'config.model.num_classes to the number of classes')
 
+    text.check_context_call(self.context_dim, context, context_mask, 'DiT')
+    ctx = text.ContextEncoder(
+        self.context_dim, self.text_vocab_size, self.text_max_length,
+        self.text_depth, self.text_heads, self.dtype, name='context_encoder')(
+            context, context_mask, b) if self.context_dim else None
+
     for i in range(self.depth):
       h = DiTBlock(self.num_heads, self.mlp_ratio, self.mlp_norm_eps,
-                   self.dtype, name=f'blocks_{i}')(h, c)
+                   self.dtype, name=f'blocks_{i}')(h, c, ctx)
     out = self.out_channels
     h = FinalLayer(p * p * out, self.dtype, name='final_layer')(h, c)
     # Unpatchify: token (i, j) holds its patch as (p, q, channel), the

@@ -4,6 +4,12 @@ A PixelCNN++-style backbone of wide ResNet blocks with GroupNorm, one
 single-head self-attention block at chosen resolutions, and a sinusoidal
 time embedding fed to every block through a 2-layer MLP.
 
+With context_dim > 0 the U-Net also conditions on a token sequence (a
+caption): at every resolution with self-attention (attn_resolutions and the
+mid block), a cross-attention block (models/cross_attention.py) follows the
+self-attention block, as LDM's SpatialTransformer puts self- then cross-
+attention there (Rombach et al. 2022). Each starts as the identity.
+
 Module names follow diffusers' `UNet2DModel` (`conv_in`, `time_embedding`,
 `down_blocks_i/resnets_j`, `mid_block`, `up_blocks_i`, `conv_norm_out`,
 `conv_out`) so that the published DDPM checkpoints map onto our parameters
@@ -20,6 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models import conv as conv_lib
+from diffusion_jax.models import text
+from diffusion_jax.models.cross_attention import CrossAttentionBlock
 from diffusion_jax.models.group_norm import GroupNorm
 
 
@@ -151,6 +159,16 @@ class UNet(nn.Module):
       embedded like the time and added to its embedding through a last
       layer that starts at zero, so the network starts as the same network
       without it (a student initialised from its teacher).
+    context_dim: 0, or the width of the context tokens that cross-attention
+      blocks (named *_cross_attn_*, which no diffusers tensor maps to)
+      attend to; see models/text.py for the context and its null sequence.
+    cross_attn_heads: heads of those blocks (a divisor of the channels at
+      every attention resolution).
+    text_vocab_size: 0: the context is precomputed (B, L, context_dim)
+      embeddings; > 0: (B, L) token ids encoded by a text encoder of this
+      vocabulary trained with the network (text.TextEncoder).
+    text_max_length, text_depth, text_heads: that encoder's positions,
+      blocks and heads.
   """
   out_channels: int
   ch: int = 128
@@ -163,13 +181,22 @@ class UNet(nn.Module):
   dtype: jnp.dtype = jnp.float32
   num_classes: int = 0
   guidance_input: bool = False
+  context_dim: int = 0
+  cross_attn_heads: int = 4
+  text_vocab_size: int = 0
+  text_max_length: int = 0
+  text_depth: int = 2
+  text_heads: int = 4
 
   @nn.compact
-  def __call__(self, x, t, y=None, *, train: bool, guidance=None):
+  def __call__(self, x, t, y=None, *, train: bool, guidance=None,
+               context=None, context_mask=None):
     """x: (B, H, W, C) images, t: (B,) timesteps (integer or fractional),
     y: (B,) int class labels or None (the null class), guidance: (B,)
-    guidance weights (guidance_input only; None: 0); returns
-    (B, H, W, out_channels)."""
+    guidance weights (guidance_input only; None: 0), context: (B, L) token
+    ids or (B, L, context_dim) embeddings, context_mask: (B, L) bool (True:
+    a real token; a row without one, or context None: the null sequence);
+    returns (B, H, W, out_channels)."""
     if x.shape[1] != x.shape[2]:
       raise ValueError(f'UNet expects square images, got {x.shape[1:3]}')
     if x.shape[1] % 2 ** (len(self.ch_mult) - 1):
@@ -180,6 +207,20 @@ class UNet(nn.Module):
     kw = dict(num_groups=self.num_groups, dtype=self.dtype)
     res_block = lambda ch, name: ResnetBlock(ch, self.dropout, name=name, **kw)
     attn_block = lambda name: AttentionBlock(name=name, **kw)
+    text.check_context_call(self.context_dim, context, context_mask, 'U-Net')
+    ctx = text.ContextEncoder(
+        self.context_dim, self.text_vocab_size, self.text_max_length,
+        self.text_depth, self.text_heads, self.dtype, name='context_encoder')(
+            context, context_mask, x.shape[0]) if self.context_dim else None
+
+    def attention(h, name, cross_name):
+      h = attn_block(name)(h)
+      if ctx is not None:  # on the (B, H*W, C) tokens
+        h = CrossAttentionBlock(self.cross_attn_heads, dtype=self.dtype,
+                                name=cross_name)(
+                                    h.reshape(h.shape[0], -1, h.shape[-1]),
+                                    *ctx).reshape(h.shape)
+      return h
 
     temb = timestep_embedding(t, self.ch)
     temb = nn.Dense(self.temb_dim, dtype=self.dtype, kernel_init=_default_init,
@@ -211,14 +252,15 @@ class UNet(nn.Module):
         h = res_block(self.ch * mult, f'{prefix}_resnets_{j}')(
             h, temb, train=train)
         if h.shape[1] in self.attn_resolutions:
-          h = attn_block(f'{prefix}_attentions_{j}')(h)
+          h = attention(h, f'{prefix}_attentions_{j}',
+                        f'{prefix}_cross_attn_{j}')
         skips.append(h)
       if level != len(self.ch_mult) - 1:
         h = Downsample(self.dtype, name=f'{prefix}_downsamplers_0')(h)
         skips.append(h)
 
     h = res_block(h.shape[-1], 'mid_block_resnets_0')(h, temb, train=train)
-    h = attn_block('mid_block_attentions_0')(h)
+    h = attention(h, 'mid_block_attentions_0', 'mid_block_cross_attn_0')
     h = res_block(h.shape[-1], 'mid_block_resnets_1')(h, temb, train=train)
 
     for i, mult in enumerate(reversed(self.ch_mult)):
@@ -228,7 +270,8 @@ class UNet(nn.Module):
         h = res_block(self.ch * mult, f'{prefix}_resnets_{j}')(
             h, temb, train=train)
         if h.shape[1] in self.attn_resolutions:
-          h = attn_block(f'{prefix}_attentions_{j}')(h)
+          h = attention(h, f'{prefix}_attentions_{j}',
+                        f'{prefix}_cross_attn_{j}')
       if i != len(self.ch_mult) - 1:
         h = Upsample(self.dtype, name=f'{prefix}_upsamplers_0')(h)
     assert not skips
