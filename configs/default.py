@@ -263,6 +263,46 @@ def get_config() -> ml_collections.ConfigDict:
   # step from edm_sigma_max; (80.0, 0.821): iCT's two steps on CIFAR-10.
   consistency.sample_sigmas = ()
 
+  # Autoencoder (config.method='autoencoder'; methods/autoencoder.py): latent
+  # diffusion's KL autoencoder (models/autoencoder.py, Rombach et al. 2022)
+  # under LDM's loss: NLL (rec_loss with a learned log-scale) + kl_weight KL
+  # + a patch-GAN term (Esser et al. 2021) from step disc_start, weighted
+  # by disc_weight times the adaptive weight of their eq. 7. The sizes
+  # below fit the 8x8 digits; LDM's f=4..16 models: configs/
+  # fashion_mnist_autoencoder.py.
+  config.autoencoder = ae = ml_collections.ConfigDict()
+  # Widths per level (diffusers' naming; LDM: ch * ch_mult); the down
+  # factor f = 2^(len - 1) must divide data.image_size. (128, 256, 512,
+  # 512): Stable Diffusion's f=8 VAE.
+  ae.block_out_channels = (32, 64)
+  ae.latent_channels = 4  # C of the latents (B, H/f, W/f, C)
+  ae.layers_per_block = 1  # ResNet blocks per encoder level (decoder +1)
+  ae.norm_num_groups = 8  # GroupNorm groups; must divide every width
+  ae.kl_weight = 1e-6  # LDM's KL-f4/f8 models
+  ae.rec_loss = 'l1'  # 'l1' (LDM) or 'l2'
+  # LDM's NLL = rec / exp(s) + s with one learned scalar s (a Laplace
+  # decoder's log-scale for l1); False keeps s at logvar_init.
+  ae.learn_logvar = True
+  ae.logvar_init = 0.0
+  # LPIPS (VGG16 features + linear heads) is not implemented yet: a non-
+  # empty path is refused; empty skips the term (logged once).
+  ae.lpips_weights_path = ''
+  ae.perceptual_weight = 1.0
+  # Patch discriminator (pix2pix's NLayerDiscriminator with GroupNorm): its
+  # loss and the GAN term are off (factor 0) before step disc_start.
+  ae.disc_start = 200
+  ae.disc_weight = 0.5  # LDM's KL-f8 config
+  ae.disc_loss = 'hinge'  # 'hinge' (LDM) or 'non_saturating'
+  # Stride-2 4x4 convs (LDM: 3); the logit map floor(size / 2^n) - 2 must
+  # be >= 1: 1 for 8x8 images.
+  ae.disc_layers = 1
+  ae.disc_ch = 64
+  # Both Adams use LDM's betas (not config.optim's); the autoencoder's
+  # learning rate, warm-up, clipping, eps and EMA are config.optim's.
+  ae.disc_learning_rate = 1e-3
+  ae.adam_b1 = 0.5
+  ae.adam_b2 = 0.9
+
   # Scale-out throughput knobs (diffusion_jax/trainer.py, methods/base.py).
   # Both leave the trained params unchanged (up to float summation order;
   # see OneOptimizerMethod for the dropout caveat of grad_accum_steps).

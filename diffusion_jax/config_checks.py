@@ -31,7 +31,10 @@ POSITIVE = (
     'diffusion.edm_sigma_max', 'diffusion.edm_p_std', 'sample.rho',
     'sample.s_noise', 'sample.solver_order', 'consistency.rho',
     'consistency.p_std', 'consistency.curriculum_s0',
-    'consistency.curriculum_s1', 'consistency.num_levels')
+    'consistency.curriculum_s1', 'consistency.num_levels',
+    'autoencoder.latent_channels', 'autoencoder.layers_per_block',
+    'autoencoder.norm_num_groups', 'autoencoder.disc_layers',
+    'autoencoder.disc_ch')
 NON_NEGATIVE = (
     'sample_grid.every_steps', 'sample_quality.every_steps',
     'sample_quality.num_samples', 'sample_quality.floor_seeds',
@@ -42,7 +45,10 @@ NON_NEGATIVE = (
     'sample.s_tmin', 'sample.s_tmax',
     'data.prefetch',
     'model.num_classes', 'consistency.huber_c', 'distill.guidance_min',
-    'model.dit_depth', 'model.dit_hidden_size', 'model.dit_num_heads')
+    'model.dit_depth', 'model.dit_hidden_size', 'model.dit_num_heads',
+    'autoencoder.kl_weight', 'autoencoder.perceptual_weight',
+    'autoencoder.disc_start', 'autoencoder.disc_weight',
+    'autoencoder.disc_learning_rate')
 # key: (low, high, high included)
 INTERVALS = {
     'optim.ema_decay': (0.0, 1.0, False),
@@ -54,6 +60,8 @@ INTERVALS = {
     'diffusion.t_min': (0.0, 1.0, False),
     'sample.t_min': (0.0, 1.0, False),
     'consistency.target_ema': (0.0, 1.0, False),
+    'autoencoder.adam_b1': (0.0, 1.0, False),
+    'autoencoder.adam_b2': (0.0, 1.0, False),
 }
 # Registries (networks, methods, processes, samplers) are checked against
 # the registry itself in experiment.build and the method's from_config.
@@ -67,6 +75,9 @@ CHOICES = {
     'consistency.metric': ('pseudo_huber', 'l2'),
     'sample.solver_order': (1, 2, 3),
     'sample.unipc_variant': ('bh1', 'bh2'),
+    # methods/autoencoder_losses.py's REC_LOSSES and DISC_LOSSES.
+    'autoencoder.rec_loss': ('l1', 'l2'),
+    'autoencoder.disc_loss': ('hinge', 'non_saturating'),
 }
 # Why keep_checkpoints must be >= 1: Orbax's max_to_keep=0 deletes every
 # checkpoint of the work directory, old ones included (issue 18).
@@ -130,6 +141,7 @@ def check(config, mode: str = 'train') -> None:
   _check_guidance_input(config)
   _check_posthoc_ema(config)
   _check_consistency_sigmas(config)
+  _check_autoencoder(config)
 
 
 def _check_pairs(config):
@@ -283,4 +295,47 @@ def _check_consistency_sigmas(config):
         'decreasing noise levels in (diffusion.edm_sigma_min, edm_sigma_max]'
         f' = ({lo}, {hi}]: e.g. () for one step from {hi}, ({hi}, 0.821) '
         'for two (iCT on CIFAR-10)')
+
+
+def _check_autoencoder(config):
+  """The autoencoder's levels fit its GroupNorm and the image, and the
+  patch discriminator's logit map is at least 1x1 (config.method=
+  'autoencoder' only: other methods do not build these networks)."""
+  if _get(config, 'method') != 'autoencoder':
+    return
+  widths = tuple(_get(config, 'autoencoder.block_out_channels') or ())
+  groups = _get(config, 'autoencoder.norm_num_groups')
+  if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w <= 0
+                       for w in widths):
+    raise ConfigError(
+        f'config.autoencoder.block_out_channels={widths!r}: give one positive '
+        'width per level, e.g. (64, 128, 128) for f = 4')
+  for width in widths:
+    if width % groups:
+      raise ConfigError(
+          f'config.autoencoder.norm_num_groups={groups} does not divide the '
+          f'width {width} of config.autoencoder.block_out_channels={widths}:'
+          f' use a divisor of every width, e.g. {math.gcd(*widths)}')
+  size = _get(config, 'data.image_size')
+  f = 2 ** (len(widths) - 1)
+  if size % f:
+    fits = [2 ** k for k in range(len(widths)) if size % 2 ** k == 0]
+    raise ConfigError(
+        f'config.data.image_size={size} is not divisible by the down factor '
+        f'f={f} of config.autoencoder.block_out_channels={widths} (f = '
+        f'2^(levels - 1)): use {len(fits)} levels or fewer (f={fits[-1]}), '
+        f'or an image size divisible by {f}')
+  layers = _get(config, 'autoencoder.disc_layers')
+  # models/discriminator.output_size (not imported: no JAX here): each
+  # stride-2 4x4 conv (padding 1) floors the size by half, the two
+  # stride-1 ones take 1 each.
+  out = lambda n: (size >> n) - 2
+  if out(layers) < 1:
+    fit = max((n for n in range(1, layers) if out(n) >= 1), default=0)
+    raise ConfigError(
+        f'config.autoencoder.disc_layers={layers} is too deep for config.data.'
+        f'image_size={size}: the patch discriminator\'s logit map would be '
+        f'{max(out(layers), 0)}x{max(out(layers), 0)}; '
+        + (f'use disc_layers <= {fit}' if fit else
+           'the images are too small for it (at least 6x6 with one layer)'))
 

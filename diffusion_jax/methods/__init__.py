@@ -7,6 +7,7 @@ the package (a test registers a toy Gaussian this way).
 
 from typing import Callable
 
+from diffusion_jax.methods.autoencoder import AutoencoderMethod
 from diffusion_jax.methods.base import Method, OneOptimizerMethod
 from diffusion_jax.methods.consistency import ConsistencyTraining
 from diffusion_jax.methods.consistency_distillation import (
@@ -14,11 +15,14 @@ from diffusion_jax.methods.consistency_distillation import (
 from diffusion_jax.methods.diffusion import DiffusionMethod
 from diffusion_jax.methods.distillation import ProgressiveDistillation
 
+
+
 METHODS: dict[str, Callable] = {
     'diffusion': DiffusionMethod.from_config,
     'progressive_distillation': ProgressiveDistillation.from_config,
     'consistency_training': ConsistencyTraining.from_config,
     'consistency_distillation': ConsistencyDistillation.from_config,
+    'autoencoder': AutoencoderMethod.from_config,
 }
 
 
@@ -36,5 +40,5 @@ def create_method(config) -> Method:
 
 __all__ = ['Method', 'OneOptimizerMethod', 'DiffusionMethod',
            'ProgressiveDistillation', 'ConsistencyTraining',
-           'ConsistencyDistillation', 'METHODS',
+           'ConsistencyDistillation', 'AutoencoderMethod', 'METHODS',
            'register', 'create_method']

@@ -16,6 +16,8 @@ call only what `Method` declares:
                                   images in [-1, 1].
   log_likelihood(params, x, rng)  per-image negative log-likelihood (exact
                                   or a bound) in bits/dim, or None.
+  reconstruct(params, x, rng)     an autoencoder's reconstructions of x, or
+                                  None (eval mode: MSE, PSNR).
 
 A method with one network and one optimizer subclasses `OneOptimizerMethod`
 and supplies only `init_params` and `loss` (and `draw` where randomness must
@@ -90,6 +92,14 @@ class Method(abc.ABC):
     """Per-image arrays with 'total_bpd' (B,), the negative log-likelihood
     of 8-bit data (or an upper bound on it) in bits/dim, and any terms that
     make it up; None where the method defines no likelihood."""
+    del params, images, rng
+    return None
+
+  def reconstruct(self, params: Any, images: jax.Array,
+                  rng: jax.Array) -> jax.Array | None:
+    """Pure: images in [-1, 1] -> their reconstructions in [-1, 1] (an
+    autoencoder's decode(encode(x))), which eval mode scores by MSE and
+    PSNR; None where the method does not reconstruct."""
     del params, images, rng
     return None
 
