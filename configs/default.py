@@ -212,6 +212,40 @@ def get_config() -> ml_collections.ConfigDict:
   sample.progressive_timesteps = ()
   sample.progressive_num_images = 8  # rows of that figure
 
+  # Latent diffusion (Rombach et al. 2022; methods/latent_diffusion.py):
+  # config.method='diffusion' with an autoencoder here and
+  # config.data.source='latents' trains the network on the autoencoder's
+  # latents (H/f, W/f, C) and decodes its samples. config.data.data_dir is
+  # then the latent cache, written once, before training, by
+  #   python -m diffusion_jax.cache_latents --config=<the same config>
+  # from the images of config.latent.images (and config.data's splits,
+  # image_size, channels; random_flip also caches the mirror images).
+  # config.data.image_size/channels stay those of the images, which sample
+  # returns and sample quality scores.
+  config.latent = latent = ml_collections.ConfigDict()
+  # A diffusers AutoencoderKL directory (e.g. a local copy of
+  # stabilityai/sd-vae-ft-ema) or an autoencoder run of this project
+  # (config.method='autoencoder'); '' = pixel-space diffusion.
+  latent.autoencoder = ''
+  latent.autoencoder_step = 0  # a run's checkpoint step; 0: the newest
+  # z is multiplied by it (unit variance for the diffusion). 0: the
+  # autoencoder's: diffusers' scaling_factor (0.18215 for SD's VAE), for a
+  # run 1/std of the cached train latents (LDM's scale_by_std).
+  latent.scale_factor = 0.0
+  # Train on z ~ q(z|x) drawn afresh each time an image is seen (LDM, DiT);
+  # False: on the posterior mean.
+  latent.sample_posterior = True
+  latent.cache_dtype = 'float16'  # the cached mean and log-variance
+  # The images the cache encodes (the source keys of config.data).
+  latent.images = ml_collections.ConfigDict()
+  latent.images.source = 'digits'
+  latent.images.name = ''
+  latent.images.data_dir = ''
+  latent.images.download = False
+  # '' (images already image_size), 'center_crop' (crop and resize, ADM's
+  # preprocessing, as DiT) or 'pad' (zeros around smaller images).
+  latent.images.resize = ''
+
   # Distillation (config.method 'progressive_distillation'; methods/
   # distillation.py): the teacher is another run's EMA parameters.
   config.distill = distill = ml_collections.ConfigDict()

@@ -48,7 +48,8 @@ NON_NEGATIVE = (
     'model.dit_depth', 'model.dit_hidden_size', 'model.dit_num_heads',
     'autoencoder.kl_weight', 'autoencoder.perceptual_weight',
     'autoencoder.disc_start', 'autoencoder.disc_weight',
-    'autoencoder.disc_learning_rate')
+    'autoencoder.disc_learning_rate', 'latent.scale_factor',
+    'latent.autoencoder_step')
 # key: (low, high, high included)
 INTERVALS = {
     'optim.ema_decay': (0.0, 1.0, False),
@@ -78,6 +79,9 @@ CHOICES = {
     # methods/autoencoder_losses.py's REC_LOSSES and DISC_LOSSES.
     'autoencoder.rec_loss': ('l1', 'l2'),
     'autoencoder.disc_loss': ('hinge', 'non_saturating'),
+    # latent/store.py's DTYPES and data/sources.py's RESIZE_MODES.
+    'latent.cache_dtype': ('float16', 'float32'),
+    'latent.images.resize': ('', 'center_crop', 'pad'),
 }
 # Why keep_checkpoints must be >= 1: Orbax's max_to_keep=0 deletes every
 # checkpoint of the work directory, old ones included (issue 18).
@@ -142,6 +146,7 @@ def check(config, mode: str = 'train') -> None:
   _check_posthoc_ema(config)
   _check_consistency_sigmas(config)
   _check_autoencoder(config)
+  _check_latent(config)
 
 
 def _check_pairs(config):
@@ -339,3 +344,39 @@ def _check_autoencoder(config):
         + (f'use disc_layers <= {fit}' if fit else
            'the images are too small for it (at least 6x6 with one layer)'))
 
+
+def _check_latent(config):
+  """Latent diffusion (methods/latent_diffusion.py): an autoencoder and a
+  latent cache go together, only diffusion trains on latents, and latents
+  are not clipped like pixels."""
+  source = _get(config, 'data.source')
+  autoencoder = _get(config, 'latent.autoencoder')
+  method = _get(config, 'method')
+  if source == 'latents' and not autoencoder:
+    raise ConfigError(
+        "config.data.source='latents' trains on an autoencoder's latents: "
+        'set config.latent.autoencoder to it (a diffusers AutoencoderKL '
+        'directory or an autoencoder run)')
+  if autoencoder and method == 'diffusion' and source != 'latents':
+    raise ConfigError(
+        f'config.latent.autoencoder={autoencoder!r} asks for latent '
+        f'diffusion, which trains on cached latents, not on '
+        f'config.data.source={source!r}: write the cache with python -m '
+        "diffusion_jax.cache_latents, then set config.data.source='latents' "
+        'and config.data.data_dir to the cache (config.latent.images names '
+        'the images)')
+  if source != 'latents':
+    return
+  if method != 'diffusion':
+    raise ConfigError(
+        f"config.data.source='latents': config.method={method!r} does not "
+        "train on latents; only 'diffusion' does")
+  if _get(config, 'latent.images.source') == 'latents':
+    raise ConfigError(
+        "config.latent.images.source='latents': name the images the cache "
+        "encodes (e.g. 'digits', 'tfds', 'idx')")
+  if _get(config, 'diffusion.clip_denoised'):
+    raise ConfigError(
+        'config.diffusion.clip_denoised=True clips x0 predictions to [-1, 1],'
+        ' the range of pixels, not of scaled latents (unit variance; LDM '
+        'samples them unclipped): set it False')

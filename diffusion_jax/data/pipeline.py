@@ -11,6 +11,13 @@ from grain's `random_map`, which seeds its generator from (seed, i). Global
 batch k is stream positions [k*B, (k+1)*B); process p of P reads only rows
 [p*B/P, (p+1)*B/P) of it. So batches do not depend on the process or device
 count, and resuming at step k is simply indexing from k.
+
+A latent cache (`source='latents'`, latent/store.py) trains on its rows'
+posterior moments instead: each row is float32 (2, h, w, C), [mean; logvar]
+of q(z|x) of one image (of its mirror image, drawn like the flips, when
+random_flip and the cache holds both), which the latent diffusion method
+turns into a scaled sample z on the device (methods/latent_diffusion.py).
+Evaluation and sample quality read the cache's images (data.sources).
 """
 
 import math
@@ -45,6 +52,33 @@ def _to_model_range(batch):
   if isinstance(batch, tuple):  # (images, labels)
     return (_to_model_range(batch[0]), batch[1])
   return batch.astype(np.float32) / 127.5 - 1.0
+
+
+def _pick_variant(row, rng):
+  """One image's moments (V, 2, h, w, C) -> a random variant's (2, h, w, C)
+  (V = 2: the image and its mirror image, encoded separately)."""
+  if isinstance(row, tuple):
+    return (_pick_variant(row[0], rng), row[1])
+  return row[rng.integers(row.shape[0])]
+
+
+def _first_variant(row):
+  if isinstance(row, tuple):
+    return (_first_variant(row[0]), row[1])
+  return row[0]
+
+
+def _latent_rows(cfg, with_labels: bool, num_classes: int):
+  """(random-access rows of a latent cache's train split, whether to draw
+  one of two variants per position)."""
+  from diffusion_jax.latent import store  # pylint: disable=g-import-not-at-top
+  split = store.LatentSplit(cfg.data_dir, cfg.train_split)
+  rows = split
+  if with_labels:
+    rows = sources.LabelledRows(
+        split, f'the latent cache in {cfg.data_dir} ({cfg.train_split!r})',
+        num_classes)
+  return rows, cfg.random_flip and split.variants > 1
 
 
 def _batch_shards(sharding) -> int:
@@ -172,17 +206,28 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int,
   p, n = _processes(process_index, process_count)
   local_batch_size = _local_batch_size(global_batch_size, sharding, n)
   cfg = data_config
-  source = sources.open_split(cfg, cfg.train_split)
-  if with_labels:
-    source = sources.LabelledRows(
-        source, f'{cfg.source} split {cfg.train_split!r}', num_classes)
+  latents = cfg.source == 'latents'
+  if latents:
+    source, flip = _latent_rows(cfg, with_labels, num_classes)
+  else:
+    source = sources.open_split(cfg, cfg.train_split)
+    if with_labels:
+      source = sources.LabelledRows(
+          source, f'{cfg.source} split {cfg.train_split!r}', num_classes)
+    flip = cfg.random_flip
   ds = grain.MapDataset.source(source)
   ds = ds.shuffle(seed=_derive_seed(seed, 0)).repeat()  # Reshuffles per epoch.
-  if cfg.random_flip:
-    ds = ds.random_map(_flip, seed=_derive_seed(seed, 1))  # Keyed by position.
+  if flip:  # Keyed by position.
+    ds = ds.random_map(_pick_variant if latents else _flip,
+                       seed=_derive_seed(seed, 1))
+  elif latents:
+    ds = ds.map(_first_variant)
   # Chunk c of the stream is rows [c*b, (c+1)*b); process p reads chunks
   # p, p+n, p+2n, ..., i.e. its slice of every global batch.
-  ds = ds.batch(local_batch_size).map(_to_model_range)[p::n]
+  ds = ds.batch(local_batch_size)
+  if not latents:
+    ds = ds.map(_to_model_range)
+  ds = ds[p::n]
   return BatchIterator(
       lambda step: _globalize(ds[step], sharding, global_batch_size),
       start_step=start_step, prefetch=cfg.prefetch)

@@ -16,9 +16,15 @@ Sources (`config.data.source`):
                 the target size, then resized with BICUBIC (as in ADM).
   npz:          an .npz file with `<split>_images` (and `<split>_labels`), or
                 plain `images`/`labels`, which again count as the train split.
+  latents:      a latent cache (latent/store.py) in `data_dir`: training
+                reads its latents (data/pipeline.py); opened here it is the
+                images it encoded, so sample quality sees pixels.
 
 Only image_folder resizes; every other source must already have shape
-(image_size, image_size, channels) or a DataError says which keys to change.
+(image_size, image_size, channels) or a DataError says which keys to change,
+unless the config has `resize` (a latent cache's images, config.latent.
+images.resize): 'center_crop' as image_folder (ADM's, as DiT), or 'pad'
+(zeros around smaller images: 28x28 Fashion-MNIST to 32x32).
 Batching, shuffling and sharding are in `data.pipeline`.
 """
 
@@ -33,7 +39,8 @@ from PIL import Image
 
 from diffusion_jax.errors import UserError
 
-SOURCES = ('digits', 'tfds', 'idx', 'image_folder', 'npz')
+SOURCES = ('digits', 'tfds', 'idx', 'image_folder', 'npz', 'latents')
+RESIZE_MODES = ('', 'center_crop', 'pad')
 DIGITS_TRAIN_SIZE = 1497
 _IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 
@@ -103,6 +110,8 @@ def _expected_shape(cfg):
 
 
 def _check_shape(shape, cfg, where: str):
+  if cfg.get('resize'):  # _Resized makes the shape
+    return
   expected = _expected_shape(cfg)
   if tuple(shape) != expected:
     raise DataError(
@@ -201,6 +210,12 @@ def _load_image_file(path, size: int, channels: int) -> np.ndarray:
       img = img.convert('L' if channels == 1 else 'RGB')
   except OSError as e:  # Includes PIL.UnidentifiedImageError.
     raise DataError(f'{path}: not a readable image ({e}); fix or remove it.')
+  return _square_resize(img, size, channels)
+
+
+def _square_resize(img, size: int, channels: int) -> np.ndarray:
+  """A PIL image centre-cropped to a square, box-halved while at least
+  twice `size`, then BICUBIC-resized to size x size (as ADM)."""
   w, h = img.size
   s = min(w, h)
   img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s,
@@ -209,6 +224,29 @@ def _load_image_file(path, size: int, channels: int) -> np.ndarray:
     img = img.resize((img.size[0] // 2,) * 2, Image.Resampling.BOX)
   img = img.resize((size, size), Image.Resampling.BICUBIC)
   return np.asarray(img, np.uint8).reshape(size, size, channels)
+
+
+def _resize_row(image, cfg, where: str) -> np.ndarray:
+  """One image to (image_size, image_size, channels) by cfg.resize."""
+  image = np.asarray(image, np.uint8)
+  if image.ndim == 2:
+    image = image[..., None]
+  size, channels = cfg.image_size, cfg.channels
+  if image.shape[-1] != channels:
+    raise DataError(f'{where}: an image has {image.shape[-1]} channels, not '
+                    f'config.data.channels={channels}.')
+  if cfg.resize == 'center_crop':
+    img = Image.fromarray(image[..., 0] if channels == 1 else image)
+    return _square_resize(img, size, channels)
+  height, width = image.shape[:2]
+  if height > size or width > size:
+    raise DataError(
+        f'{where}: a {height}x{width} image does not fit in '
+        f'config.data.image_size={size} by padding: use '
+        "config.latent.images.resize='center_crop' or a larger image_size.")
+  top, left = (size - height) // 2, (size - width) // 2
+  return np.pad(image, ((top, size - height - top), (left, size - width - left),
+                        (0, 0)))
 
 
 def _open_image_folder(cfg, split):
@@ -324,8 +362,14 @@ class LabelledRows:
     return image, np.int32(label)
 
 
+def _open_latents(cfg, split):
+  from diffusion_jax.latent import store  # pylint: disable=g-import-not-at-top
+  return store.open_images(cfg, split)
+
+
 _OPENERS = dict(digits=_open_digits, tfds=_open_tfds, idx=_open_idx,
-                image_folder=_open_image_folder, npz=_open_npz)
+                image_folder=_open_image_folder, npz=_open_npz,
+                latents=_open_latents)
 
 
 def open_split(cfg, split: str):
@@ -333,9 +377,21 @@ def open_split(cfg, split: str):
   if cfg.source not in _OPENERS:
     raise DataError(f'Unknown config.data.source={cfg.source!r}; use one of '
                     f'{", ".join(SOURCES)}.')
+  resize = cfg.get('resize') or ''
+  if resize not in RESIZE_MODES:
+    raise DataError(f'config.latent.images.resize={resize!r}: use one of '
+                    f'{RESIZE_MODES}.')
   source = _OPENERS[cfg.source](cfg, split)
   if not len(source):
     raise DataError(f'{cfg.source} split {split!r} is empty.')
+  if resize:
+    where = f'{cfg.source} split {split!r}'
+    inner = source
+
+    def read(i):
+      image, label = inner.row(i)
+      return _resize_row(image, cfg, where), label
+    source = _LazySource(len(inner), read)
   return source
 
 

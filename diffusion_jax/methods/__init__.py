@@ -14,11 +14,19 @@ from diffusion_jax.methods.consistency_distillation import (
     ConsistencyDistillation)
 from diffusion_jax.methods.diffusion import DiffusionMethod
 from diffusion_jax.methods.distillation import ProgressiveDistillation
+from diffusion_jax.methods.latent_diffusion import LatentDiffusion
 
+
+def _diffusion(config) -> DiffusionMethod:
+  """Diffusion on pixels, or on cached latents when config.latent.autoencoder
+  is set (config_checks: then config.data.source is 'latents')."""
+  if config.get('latent') and config.latent.autoencoder:
+    return LatentDiffusion.from_config(config)
+  return DiffusionMethod.from_config(config)
 
 
 METHODS: dict[str, Callable] = {
-    'diffusion': DiffusionMethod.from_config,
+    'diffusion': _diffusion,
     'progressive_distillation': ProgressiveDistillation.from_config,
     'consistency_training': ConsistencyTraining.from_config,
     'consistency_distillation': ConsistencyDistillation.from_config,
@@ -38,7 +46,7 @@ def create_method(config) -> Method:
   return METHODS[config.method](config)
 
 
-__all__ = ['Method', 'OneOptimizerMethod', 'DiffusionMethod',
+__all__ = ['Method', 'OneOptimizerMethod', 'DiffusionMethod', 'LatentDiffusion',
            'ProgressiveDistillation', 'ConsistencyTraining',
            'ConsistencyDistillation', 'AutoencoderMethod', 'METHODS',
            'register', 'create_method']
