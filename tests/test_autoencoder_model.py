@@ -62,7 +62,7 @@ def _hf_vae(hf_config, seed=0):
   GroupNorm scales 1 +- 0.2 and biases drawn too, so a scale<->bias swap or
   a wrong eps cannot hide; weights ~ N(0, 1/fan_in) keep activations O(1)."""
   diffusers = _diffusers()
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = pytest.importorskip('torch')
   kwargs = {k: v for k, v in hf_config.items() if not k.startswith('_')}
   with torch.device('meta'):  # diffusers' own init of 8e7 weights is slow
     model = diffusers.AutoencoderKL(**kwargs).eval()
@@ -86,7 +86,7 @@ def _rel_err(ours, theirs):
 
 def test_matches_diffusers_sd_vae(tmp_path):
   """Encoder moments and decoder output equal diffusers' (SD VAE config)."""
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = pytest.importorskip('torch')
   hf = _hf_vae(SD_VAE_CONFIG)
   hf.save_pretrained(tmp_path)
   imported = diffusers_vae.import_diffusers_vae(str(tmp_path))
@@ -120,7 +120,7 @@ def test_parameter_count_equals_diffusers():
                jax.tree.leaves(_abstract(ae.AutoencoderKL())))
   assert n_ours == 83_653_863
   diffusers = _diffusers()
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = pytest.importorskip('torch')
   kwargs = {k: v for k, v in SD_VAE_CONFIG.items() if not k.startswith('_')}
   with torch.device('meta'):
     hf = diffusers.AutoencoderKL(**kwargs)
@@ -331,7 +331,7 @@ def test_refuses_missing_directory(tmp_path):
 def test_reads_torch_bin_with_old_attention_names(tmp_path):
   """A .bin written by torch (legacy query/key/value/proj_attn names)
   converts to the same params as the model's safetensors."""
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = pytest.importorskip('torch')
   hf = _hf_vae(TINY_CONFIG, seed=1)
   hf.save_pretrained(tmp_path / 'new')
   legacy = {'to_q': 'query', 'to_k': 'key', 'to_v': 'value',

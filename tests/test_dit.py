@@ -190,7 +190,7 @@ def _diffusers():
 def _perturbed_dit(hf_config, seed=0):
   """A diffusers DiT with every weight moved off its initialisation and
   the per-block embedder copies made identical again (as released)."""
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = pytest.importorskip('torch')
   model = _diffusers().DiTTransformer2DModel.from_config(hf_config).eval()
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
@@ -204,7 +204,7 @@ def _perturbed_dit(hf_config, seed=0):
 
 
 def _compare(model, params, model_config, size, out_channels):
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = pytest.importorskip('torch')
   rng = np.random.default_rng(1)
   x = rng.standard_normal((4, 4, size, size)).astype(np.float32)
   t = np.array([0, 17, 500, 999])
@@ -262,7 +262,7 @@ def test_released_width_matches_diffusers_and_reads_the_old_class_name(
 
 # ---------------------------------------------------- (d) refusals --
 def test_importer_refuses_differing_embedder_copies(tmp_path):
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = pytest.importorskip('torch')
   hf_config = {k: v for k, v in RELEASED_256.items() if not k.startswith('_')}
   hf_config.update(num_layers=3, num_attention_heads=2, attention_head_dim=8,
                    sample_size=4)
