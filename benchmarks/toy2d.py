@@ -128,7 +128,9 @@ def scores(samples: np.ndarray, heldout: np.ndarray) -> dict:
               mmd=distances.mmd_rbf(samples, heldout, bandwidth=0.1))
 
 
-def run(names, steps: int, num: int):
+def run(names, steps: int, num: int, smoke: bool = False):
+  """(floor, rows); a library function (tests/test_objectives.py calls it
+  without parsed flags), so --smoke arrives as an argument."""
   heldout = ring_data(num, seed=1000)
   floor = scores(ring_data(num, seed=2000), heldout)
   rows = []
@@ -136,7 +138,7 @@ def run(names, steps: int, num: int):
     overrides, sampler_list = OBJECTIVES[name]
     config, method, params, train_s = train_objective(
         overrides, sampler_list[0][0], steps)
-    if FLAGS.smoke:
+    if smoke:
       sampler_list = [(sampler_list[0][0], SMOKE_SAMPLER_STEPS)]
     for sampler, num_steps in sampler_list:
       samples, sample_s = draw(config, method, params, sampler, num_steps,
@@ -150,7 +152,7 @@ def run(names, steps: int, num: int):
 def main(_):
   common.apply_smoke(steps=2, num_samples=64)
   names = FLAGS.only.split(',') if FLAGS.only else list(OBJECTIVES)
-  floor, rows = run(names, FLAGS.steps, FLAGS.num_samples)
+  floor, rows = run(names, FLAGS.steps, FLAGS.num_samples, FLAGS.smoke)
   print(f'# jax {jax.__version__}, {jax.devices()[0].platform}, '
         f'load {os.getloadavg()[0]:.1f}; {FLAGS.steps} steps at batch 256, '
         f'{FLAGS.num_samples} samples')
