@@ -105,23 +105,27 @@ _FLAX_GROUPNORM_EPS = 1e-6
 
 
 # ------------------------------------------------------------------ loading --
-def _find_model_dir(path: str) -> str:
-  """`path` itself, or its `unet/` subfolder (a pipeline root)."""
+def find_model_dir(path: str, subfolder: str = 'unet',
+                   model: str = 'UNet2DModel') -> str:
+  """`path` itself, or its `subfolder` (a pipeline root: unet/, vae/,
+  transformer/), whichever holds a diffusers `model` (config + weights)."""
   if not os.path.isdir(path):
     raise ValueError(f'{path} is not a directory: expected a local diffusers '
-                     f'UNet2DModel directory ({CONFIG_NAME} + {SAFETENSORS_NAME} '
-                     f'or {BIN_NAME}) or a pipeline root with a unet/ subfolder')
-  for candidate in (path, os.path.join(path, 'unet')):
+                     f'{model} directory ({CONFIG_NAME} + {SAFETENSORS_NAME} '
+                     f'or {BIN_NAME}) or a pipeline root with a {subfolder}/ '
+                     'subfolder')
+  for candidate in (path, os.path.join(path, subfolder)):
     has_weights = any(os.path.isfile(os.path.join(candidate, n))
                       for n in (SAFETENSORS_NAME, BIN_NAME))
     if os.path.isfile(os.path.join(candidate, CONFIG_NAME)) and has_weights:
       return candidate
   present = sorted(os.listdir(path))
   raise ValueError(
-      f'{path} holds no diffusers UNet2DModel: expected {CONFIG_NAME} and '
-      f'{SAFETENSORS_NAME} (or {BIN_NAME}) in it or in its unet/ subfolder; '
-      f'found {present}. Sharded or variant files (*.fp16.*, *.index.json) '
-      'are not supported: save the model with save_pretrained() first.')
+      f'{path} holds no diffusers {model}: expected {CONFIG_NAME} and '
+      f'{SAFETENSORS_NAME} (or {BIN_NAME}) in it or in its {subfolder}/ '
+      f'subfolder; found {present}. Sharded or variant files (*.fp16.*, '
+      '*.index.json) are not supported: save the model with save_pretrained() '
+      'first.')
 
 
 def _load_bin(file: str) -> dict[str, np.ndarray]:
@@ -159,7 +163,7 @@ def load_diffusers_unet(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   safetensors is preferred and read without torch; a `.bin` is read with
   `torch.load(weights_only=True)`.
   """
-  model_dir = _find_model_dir(path)
+  model_dir = find_model_dir(path)
   with open(os.path.join(model_dir, CONFIG_NAME)) as f:
     try:
       hf_config = json.load(f)

@@ -36,7 +36,6 @@ torch, weights_only).
 """
 
 import math
-import os
 from typing import Any, Mapping
 
 from absl import logging
@@ -93,22 +92,6 @@ _EMB = 'norm1.emb.'
 # The U-Net importer's layout change: linear (O, I) -> (I, O), conv OIHW ->
 # HWIO.
 _to_flax = cd._to_flax  # pylint: disable=protected-access
-
-
-def find_model_dir(path: str) -> str:
-  """`path` itself, or its `transformer/` subfolder (a pipeline root)."""
-  for candidate in (path, os.path.join(path, SUBFOLDER)):
-    if os.path.isfile(os.path.join(candidate, cd.CONFIG_NAME)) and any(
-        os.path.isfile(os.path.join(candidate, n))
-        for n in (cd.SAFETENSORS_NAME, cd.BIN_NAME)):
-      return candidate
-  present = sorted(os.listdir(path)) if os.path.isdir(path) else 'nothing'
-  raise ValueError(
-      f'{path} holds no diffusers DiT: expected {cd.CONFIG_NAME} and '
-      f'{cd.SAFETENSORS_NAME} (or {cd.BIN_NAME}) in it or in its '
-      f'{SUBFOLDER}/ subfolder (a pipeline such as facebook/DiT-XL-2-256); '
-      f'found {present}. Sharded or variant files are not supported: save the '
-      'model with save_pretrained() first.')
 
 
 def _reject(field: str, value: Any, why: str):
@@ -335,7 +318,7 @@ def import_dit(path: str, match: str = 'reference'
   `path` is a DiTTransformer2DModel directory or a pipeline root with a
   `transformer/` subfolder. sample_shape(config.json) gives the data keys.
   """
-  model_dir = find_model_dir(path)
+  model_dir = cd.find_model_dir(path, SUBFOLDER, 'DiT')
   # A generic reader despite its name: config.json + safetensors or .bin.
   hf_config, state_dict = cd.load_diffusers_unet(model_dir)
   model_config = model_config_from_diffusers(hf_config, match)

@@ -16,7 +16,6 @@ or tensor.
 
 import dataclasses
 import functools
-import os
 from typing import Any, Mapping, Optional
 
 import jax
@@ -97,22 +96,6 @@ def _reject(field: str, value: Any, why: str):
   unet_convert.reject(field, value, why, 'AutoencoderKL')
 
 
-def _find_vae_dir(path: str) -> str:
-  """`path` itself, or its `vae/` subfolder (a pipeline root)."""
-  weights = (unet_convert.SAFETENSORS_NAME, unet_convert.BIN_NAME)
-  for candidate in (path, os.path.join(path, 'vae')):
-    has = lambda name, d=candidate: os.path.isfile(os.path.join(d, name))
-    if has(unet_convert.CONFIG_NAME) and any(has(n) for n in weights):
-      return candidate
-  found = sorted(os.listdir(path)) if os.path.isdir(path) else 'no directory'
-  raise ValueError(
-      f'{path} holds no diffusers AutoencoderKL: expected '
-      f'{unet_convert.CONFIG_NAME} and {unet_convert.SAFETENSORS_NAME} (or '
-      f'{unet_convert.BIN_NAME}) in it or in its vae/ subfolder; found '
-      f'{found}. Sharded or variant files (*.fp16.*, *.index.json) are not '
-      'supported: save the model with save_pretrained() first.')
-
-
 def settings_from_diffusers(hf_config: Mapping[str, Any]) -> dict:
   """hf_config (config.json) -> keyword arguments of our AutoencoderKL plus
   'in_channels'. Raises ValueError naming the first field our model cannot
@@ -189,7 +172,8 @@ def import_diffusers_vae(path: str) -> ImportedVAE:
   with a vae/ subfolder): config.json + diffusion_pytorch_model.safetensors
   (read with numpy) or .bin (torch, weights_only). Raises ValueError on
   anything our AutoencoderKL cannot reproduce exactly."""
-  hf_config, state_dict = unet_convert.load_diffusers_unet(_find_vae_dir(path))
+  hf_config, state_dict = unet_convert.load_diffusers_unet(
+      unet_convert.find_model_dir(path, 'vae', 'AutoencoderKL'))
   settings = settings_from_diffusers(hf_config)
   in_channels = settings.pop('in_channels')
   model = autoencoder.AutoencoderKL(**settings)
