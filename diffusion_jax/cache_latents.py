@@ -14,10 +14,8 @@ and writes its share. Exit codes as main.py's: 2 for a user error, with one
 line on stderr.
 """
 
-import os
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from diffusion_jax import config_checks, errors
@@ -60,12 +58,7 @@ def main(argv):
   try:
     run(FLAGS.config)
   except errors.UserError as e:
-    if logging.get_verbosity() >= 1:
-      raise
-    logging.flush()
-    sys.stderr.write(f'error: {errors.one_line(e)}\n')
-    sys.stderr.flush()
-    os._exit(2)  # pylint: disable=protected-access
+    errors.exit_on_user_error(e)
 
 
 if __name__ == '__main__':

@@ -14,7 +14,6 @@ import difflib
 import importlib.util
 import os
 import signal
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -79,15 +78,7 @@ def _on_sigterm(signum, frame):  # pylint: disable=unused-argument
   raise Terminated()
 
 
-def _exit(code: int, last_line: str | None = None):
-  """Ends the process now, `last_line` the last thing on stderr: os._exit,
-  so no library thread (Orbax's clean-up, prefetchers) prints after it."""
-  logging.flush()
-  sys.stdout.flush()
-  if last_line:
-    sys.stderr.write(last_line + '\n')
-  sys.stderr.flush()
-  os._exit(code)  # pylint: disable=protected-access
+_exit = errors.exit_now
 
 
 def user_error(message) -> None:
@@ -105,9 +96,7 @@ def main(argv):
           f'mode). The checkpoints in {FLAGS.workdir} are consistent (Orbax '
           'commits a step atomically): rerun the same command to continue.')
   except errors.UserError as e:
-    if logging.get_verbosity() >= 1:
-      raise
-    user_error(e)
+    errors.exit_on_user_error(e)
 
 
 def _run(config, workdir, mode):

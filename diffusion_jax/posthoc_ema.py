@@ -33,7 +33,6 @@ closed form (eq. 151). The same x applied to the snapshots gives the EMA.
 import json
 import os
 import re
-import sys
 
 from absl import app, flags, logging
 from etils import epath
@@ -342,12 +341,7 @@ def _main(argv) -> None:
   try:
     record = reconstruct_run(f.workdir, f.sigma_rel, f.out_workdir, f.step)
   except errors.UserError as e:
-    if logging.get_verbosity() >= 1:
-      raise
-    logging.flush()
-    sys.stderr.write(f'error: {errors.one_line(e)}\n')
-    sys.stderr.flush()
-    os._exit(2)  # pylint: disable=protected-access
+    errors.exit_on_user_error(e)
   logging.info('EMA sigma_rel=%g (gamma %.3f) at step %d from %d snapshots: '
                '%s; sample it with --mode=sample --workdir=%s and the run\'s '
                'config.', record['sigma_rel'], record['gamma'],
