@@ -8,18 +8,22 @@ state only what differs.
 
 import ml_collections
 
+from configs import families
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   # The generative method (diffusion_jax/methods/): 'diffusion',
   # 'progressive_distillation' (config.distill), 'consistency_training' or
-  # 'consistency_distillation' (config.consistency).
+  # 'consistency_distillation' (config.consistency), 'autoencoder'
+  # (config.autoencoder); the seeds' other families: 'glow', 'vae', 'gan',
+  # 'pixelcnn' (config.glow, .vae, .gan, .pixelcnn; configs/families.py).
   config.method = 'diffusion'
 
   # Input pipeline (diffusion_jax/data/).
   config.data = data = ml_collections.ConfigDict()
-  data.source = 'digits'  # digits | tfds | idx | image_folder | npz
+  data.source = 'digits'  # digits | tfds | idx | image_folder | npz | latents
   data.name = ''  # tfds data set name, e.g. 'cifar10' (source=tfds only).
   data.data_dir = ''  # local directory or file holding the data.
   data.download = False  # tfds only: allow downloading (never in tests).
@@ -384,6 +388,12 @@ def get_config() -> ml_collections.ConfigDict:
   fid.train_num_samples = 96  # per periodic evaluation during training
   fid.resize_to = 299  # Inception input size (the reference: 299)
   fid.cache_dir = ''  # reference statistics cache; '' = workdir/fid_stats
+
+  # The seeds' other families (issue 16): their own sections, in families.py.
+  config.glow = families.glow()
+  config.vae = families.vae()
+  config.gan = families.gan()
+  config.pixelcnn = families.pixelcnn()
 
   # Locked: a misspelt key in an experiment file or on the command line is an
   # error, not a silently ignored new field.
