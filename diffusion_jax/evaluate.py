@@ -146,7 +146,9 @@ def likelihood(exp: Experiment, params, split: str) -> dict:
     totals = _accumulate(totals, sums)
   if totals is None or totals['num_images'] == 0:
     raise DataError(f'split {split!r} yielded no images')
-  n = totals.pop('num_images')
+  # float(): with a single batch the sums are 0-d arrays, which round()
+  # refuses.
+  n = float(totals.pop('num_images'))
   mean = {k: v / n for k, v in totals.items()}
   var = max(float(mean.pop('total_bpd_sq')) - float(mean['total_bpd']) ** 2,
             0.0)

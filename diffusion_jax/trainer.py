@@ -40,7 +40,10 @@ def _finite(tree) -> bool:
   """Whether every float leaf of a state is finite."""
   floats = [x for x in jax.tree.leaves(tree)
             if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)]
-  return bool(np.isfinite(float(optax.tree.norm(floats))))
+  # One jitted program: leaf-by-leaf eager reductions of an fsdp-sharded
+  # state put dozens of small all-reduce programs in flight at once, which
+  # the XLA CPU runtime can deadlock on (a rendezvous timeout).
+  return bool(np.isfinite(float(jax.jit(optax.tree.norm)(floats))))
 
 
 def _kept_checkpoint(checkpointer) -> str:

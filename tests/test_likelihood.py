@@ -317,6 +317,15 @@ def test_eval_mode_end_to_end_same_on_one_and_eight_devices(tmp_path):
                              rtol=1e-3)
   np.testing.assert_allclose(m1['terms_bpd'], m8['terms_bpd'], rtol=1e-4)
 
+  # The whole split in one batch: the sums stay 0-d arrays (this crashed
+  # round() once).
+  one = run_eval(tiny_config(**{'eval.batch_size': 304}), workdir,
+                 mesh=parallel.create_mesh(jax.devices()[:1]))
+  assert one['num_images'] == 300
+  # Other batches draw other noise: the prior term has none.
+  np.testing.assert_allclose(one['prior_bpd'], m1['prior_bpd'], rtol=1e-5)
+  assert abs(one['total_bpd'] - m1['total_bpd']) < 3 * m1['total_bpd_stderr']
+
 
 def test_eval_without_checkpoint_says_train_first(tmp_path):
   with pytest.raises(checkpointing.CheckpointError, match='train first'):
