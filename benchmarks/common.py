@@ -170,3 +170,10 @@ def with_malloc_variants(cands: dict) -> dict:
 
 def median_ratio(num, den):
   return float(np.median(np.asarray(num) / np.asarray(den)))
+
+
+def rel_diff(got, want) -> float:
+  """max |got - want| / max |want|, in float64."""
+  want = np.asarray(want, np.float64)
+  return float(np.abs(np.asarray(got, np.float64) - want).max() /
+               np.abs(want).max())

@@ -4,42 +4,30 @@ r"""Our DiT vs diffusers' DiTTransformer2DModel + torch, same weights, batch.
   .venv/bin/python benchmarks/dit_speed.py --variants=S/2 --dtype=bfloat16
 
 Per variant (default DiT-S/2, DiT-B/2; 32x32x4 latents, 1000 classes, learned
-sigma: 8 output channels) diffusers' model is built from facebook/DiT-XL-2-256's
-config with the variant's sizes, every weight moved off its initialisation
-(adaLN-Zero's zeros would hide differences) and imported into our DiT with
-convert/diffusers_dit.py (match='diffusers': the same function). Before any
-timing both forwards run in float32 on the timed batch and must agree to 1e-4
-(max |ours - theirs| / max |theirs|), as must the first losses of the two
-train steps (float32); the script stops otherwise.
+sigma) diffusers' model is built from facebook/DiT-XL-2-256's config with the
+variant's sizes, every weight moved off its initialisation (adaLN-Zero's
+zeros would hide differences) and imported with convert/diffusers_dit.py.
+Before timing, both float32 forwards and first train-step losses must agree
+to 1e-4 (max |ours - theirs| / max |theirs|); the script stops otherwise.
 
-Timed alternately in one process (common.alternate: ours, theirs, theirs,
-ours, ...) after one untimed call each; medians of --reps:
-  forward     ours jitted, block_until_ready; theirs in torch.inference_mode.
-  train step  forward + backward + Adam (lr 1e-4, betas (0.9, 0.999), eps
-              1e-8, no weight decay): ours one jitted call (optax.adam, params
-              and optimizer state donated, every output block_until_ready),
-              theirs torch.optim.Adam(foreach=True). The same loss: mean
-              squared error of the first C output channels (the eps half;
-              the sigma half gets zero gradient) against a fixed random
-              target, for a fixed random batch (x, t, y): no noising, label
-              dropout, clipping or EMA, the simplest step identical on both
-              sides. torch's CPU ops are synchronous (results exist on return).
-torch's model stays in eval mode: in train mode diffusers' LabelEmbedding
-drops 10% of the labels (our DiT leaves that to the trainer); DiT has no
-dropout. --dtype=bfloat16: our compute dtype (parameters stay float32) and
-torch.autocast(bfloat16) for diffusers; the agreement check stays float32.
+Timed alternately in one process (common.alternate) after one untimed call
+each; medians of --reps. Forward: ours jitted + block_until_ready, theirs in
+torch.inference_mode. Train step: forward + backward + Adam (lr 1e-4, no
+weight decay) on the same loss, the MSE of the first C output channels
+against a fixed random target for a fixed batch (x, t, y): ours one jitted
+call with donated state, theirs torch.optim.Adam(foreach=True) (torch's CPU
+ops are synchronous). torch stays in eval mode (train mode's LabelEmbedding
+drops 10% of labels); DiT has no dropout. --dtype=bfloat16: our compute
+dtype (parameters float32) and torch.autocast(bfloat16) for diffusers.
 
-Figures: ms, images/s (batch / median), ours / theirs (the median of the
-per-repetition time ratios; < 1: ours faster), GFLOP per call from XLA's cost
-analysis of our compiled functions and GFLOP/s = that / median time on both
-sides (the same function; diffusers recomputes the tiny time/class embedder
-in every block and holds a copy per block: its parameter count is ours +
-(depth - 1) x the embedder's, checked). MFU only with --peak_tflops (a
-datasheet peak for the device and --dtype): the project has no per-device
-peak table, and a shared CPU has no peak to justify (vs_diffusers.py
-measures a matmul peak instead).
-`--smoke`: a tiny DiT (depth 1, hidden 64, 2 heads), 8x8 latents, batch 2
-(tests/test_benchmarks.py); `--notorch` times ours alone (its own init).
+Figures: ms, images/s, ours / theirs (median of per-repetition ratios; < 1:
+ours faster), GFLOP per call from XLA's cost analysis of our lowered
+functions (flops.step_flops, as the trainer counts), GFLOP/s for both sides
+(diffusers recomputes the time/class embedder in each block and holds a copy
+per block: its parameter count is ours + (depth - 1) x the embedder's,
+checked) and MFU against --peak_tflops, else flops.device_peak (datasheet
+dense bf16; a CPU's measured float32 matmul rate). `--smoke`: a tiny DiT,
+8x8 latents, batch 2 (tests/test_benchmarks.py); `--notorch`: ours alone.
 """
 
 import os
@@ -60,6 +48,7 @@ import numpy as np
 import optax
 
 from benchmarks import common
+from diffusion_jax import flops as flops_lib
 from diffusion_jax import host_malloc
 from diffusion_jax.convert import diffusers_dit as dd
 from diffusion_jax.models import dit
@@ -78,21 +67,14 @@ flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
 flags.DEFINE_integer('reps', 5, 'Timed repetitions (after one warm-up).')
 flags.DEFINE_bool('torch', True, 'Include diffusers + torch.')
 flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s of this device at '
-                   '--dtype (a datasheet figure) for MFU; none by default.')
+                   '--dtype for MFU; default: diffusion_jax/flops.py\'s '
+                   'device_peak (datasheet bf16 table, or a CPU\'s measured '
+                   'float32 matmul rate).')
 flags.DEFINE_bool('cpu_big_heap', True, 'As main.py: host_malloc on the CPU '
                   '(for both frameworks).')
 common.define_smoke_flags()
 FLAGS = flags.FLAGS
 
-# facebook/DiT-XL-2-256's transformer/config.json, the fields that
-# DiTTransformer2DModel takes (as tests/test_dit.py's RELEASED_256).
-DIT_XL_2_256 = dict(
-    activation_fn='gelu-approximate', attention_bias=True,
-    attention_head_dim=72, dropout=0.0, in_channels=4,
-    norm_elementwise_affine=False, norm_num_groups=32,
-    norm_type='ada_norm_zero', num_attention_heads=16,
-    num_embeds_ada_norm=1000, num_layers=28, out_channels=8, patch_size=2,
-    sample_size=32, upcast_attention=False)
 TOLERANCE = 1e-4  # forward and first loss, float32
 THEIRS = 'diffusers+torch'
 
@@ -107,16 +89,10 @@ def parse_variant(name):
 
 def diffusers_config(depth, hidden, heads, patch):
   c = FLAGS.channels
-  return dict(DIT_XL_2_256, num_layers=depth, num_attention_heads=heads,
+  return dict(dd.DIT_XL_2_256, num_layers=depth, num_attention_heads=heads,
               attention_head_dim=hidden // heads, patch_size=patch,
               sample_size=FLAGS.latent_size, in_channels=c,
               out_channels=2 * c, num_embeds_ada_norm=FLAGS.num_classes)
-
-
-def rel_diff(got, want):
-  want = np.asarray(want, np.float64)
-  return float(np.abs(np.asarray(got, np.float64) - want).max() /
-               np.abs(want).max())
 
 
 class Theirs:
@@ -209,15 +185,18 @@ class Ours:
     self.state = (jax.tree.map(jnp.copy, self.params),
                   self.tx.init(self.params))  # the step's own (donated)
     t0 = time.perf_counter()
-    self.fwd = fwd_of(self.net).lower(self.params, *self.args).compile()
+    fwd_lowered = fwd_of(self.net).lower(self.params, *self.args)
+    self.fwd = fwd_lowered.compile()
     t1 = time.perf_counter()
-    self.step_c = jax.jit(step, donate_argnums=(0, 1)).lower(
-        *self.state, *self.args, self.target).compile()
+    step_lowered = jax.jit(step, donate_argnums=(0, 1)).lower(
+        *self.state, *self.args, self.target)
+    self.step_c = step_lowered.compile()
     self.compile_s = dict(forward=t1 - t0, train=time.perf_counter() - t1)
     self.fwd32 = (self.fwd if dtype == jnp.float32 else
                   fwd_of(self.net32).lower(self.params, *self.args).compile())
-    self.flops = {'forward': self.fwd.cost_analysis().get('flops', np.nan),
-                  'train': self.step_c.cost_analysis().get('flops', np.nan)}
+    # The trainer's count (flops.step_flops: the lowered computation's).
+    self.flops = {k: flops_lib.step_flops(lowered) or np.nan for k, lowered
+                  in (('forward', fwd_lowered), ('train', step_lowered))}
 
   def forward_fp32(self):
     return np.asarray(self.fwd32(self.params, *self.args))
@@ -234,7 +213,7 @@ class Ours:
     return loss
 
 
-def timed_part(kind, cands, b, flops, label):
+def timed_part(kind, cands, b, flops, label, peak_tflops):
   """alternate() timing of warmed-up candidates; one part's figures."""
   times = common.alternate(cands, FLAGS.reps, f'{label} {kind}')
   part = dict(flops=flops, candidates={})
@@ -243,15 +222,15 @@ def timed_part(kind, cands, b, flops, label):
     row = part['candidates'][name] = dict(
         times=t, median_s=med, ms=1e3 * med, images_per_s=b / med,
         gflop_per_s=flops / med / 1e9)
-    if FLAGS.peak_tflops:
-      row['mfu'] = flops / med / (FLAGS.peak_tflops * 1e12)
+    if peak_tflops:  # PaLM's MFU: achieved / peak FLOP/s
+      row['mfu'] = flops / med / (peak_tflops * 1e12)
   if THEIRS in times:
     part['ours_over_theirs'] = common.median_ratio(times['ours'],
                                                    times[THEIRS])
   return part
 
 
-def run_variant(name, b, dtype):
+def run_variant(name, b, dtype, peak_tflops):
   depth, hidden, heads, patch = parse_variant(name)
   label = f'DiT-{name}'
   hf_config = diffusers_config(depth, hidden, heads, patch)
@@ -284,7 +263,7 @@ def run_variant(name, b, dtype):
                            'not the same model')
     result['params']['diffusers'] = theirs.num_params
     ref = theirs.forward_fp32()
-    diff = rel_diff(ours.forward_fp32(), ref)
+    diff = common.rel_diff(ours.forward_fp32(), ref)
     if diff > TOLERANCE:
       raise AssertionError(f'{label}: our forward differs from diffusers\' '
                            f'by {diff:.2e} > {TOLERANCE} (relative): not the '
@@ -293,7 +272,7 @@ def run_variant(name, b, dtype):
     print(f'  forward agrees with diffusers (float32, the timed batch): '
           f'max |ours - theirs| / max |theirs| = {diff:.1e} <= {TOLERANCE}')
     if dtype == jnp.bfloat16:
-      low = rel_diff(ours.fwd(ours.params, *ours.args), ref)
+      low = common.rel_diff(ours.fwd(ours.params, *ours.args), ref)
       result['agreement']['bf16_max_rel_diff'] = low
       print(f'  our bfloat16 forward vs diffusers float32: {low:.1e}')
   print(f'  parameters: ours {ours.num_params:,}' + (
@@ -321,15 +300,15 @@ def run_variant(name, b, dtype):
         flush=True)
   # alternate() ignores the candidates' return values (a loss, an output).
   result['forward'] = timed_part('forward', fwd_cands, b,
-                                 ours.flops['forward'], label)
+                                 ours.flops['forward'], label, peak_tflops)
   result['train'] = timed_part('train', step_cands, b, ours.flops['train'],
-                               label)
+                               label, peak_tflops)
   return result
 
 
 def table(report):
   """The markdown table of the report's variants."""
-  mfu = FLAGS.peak_tflops is not None
+  mfu = bool(report['peak_tflops'])
   cols = ['model', 'side', 'params', 'forward ms', 'fwd images/s',
           'fwd GFLOP', 'fwd GFLOP/s', 'train step ms', 'step images/s',
           'step GFLOP', 'step GFLOP/s']
@@ -342,8 +321,8 @@ def table(report):
         continue
       f, s = (v[k]['candidates'][side] for k in ('forward', 'train'))
       who = f'ours (JAX, {report["dtype"]})' if side == 'ours' else (
-          'diffusers + torch' + (' (autocast bf16)'
-                                 if report['dtype'] == 'bfloat16' else ''))
+          'diffusers + torch (' + ('autocast bf16' if report['dtype'] ==
+                                   'bfloat16' else 'float32') + ')')
       n = v['params']['diffusers' if side == THEIRS else 'ours']
       row = [f'DiT-{name}', who, f'{n:,}', f'{f["ms"]:.1f}',
              f'{f["images_per_s"]:.2f}', f'{v["forward"]["flops"] / 1e9:.4g}',
@@ -351,7 +330,7 @@ def table(report):
              f'{s["images_per_s"]:.2f}', f'{v["train"]["flops"] / 1e9:.4g}',
              f'{s["gflop_per_s"]:.1f}']
       if mfu:
-        row += [f'{f["mfu"]:.1%}', f'{s["mfu"]:.1%}']
+        row += [f'{100 * f["mfu"]:.3g}%', f'{100 * s["mfu"]:.3g}%']
       lines.append('| ' + ' | '.join(row) + ' |')
     if 'ours_over_theirs' in v['forward']:
       row = [f'DiT-{name}', '**ours / theirs** (time)', '',
@@ -371,7 +350,7 @@ def main(_):
                 backend=jax.default_backend(), variants={}, **{
                     k: FLAGS[k].value for k in (
                         'dtype', 'batch', 'latent_size', 'channels',
-                        'num_classes', 'reps', 'peak_tflops')})
+                        'num_classes', 'reps')})
   versions = f'jax {jax.__version__} ({jax.default_backend()})'
   if FLAGS.torch:
     import diffusers  # pylint: disable=g-import-not-at-top
@@ -387,18 +366,27 @@ def main(_):
             f'{FLAGS.num_classes} classes, learned sigma; median of '
             f'{FLAGS.reps} after a warm-up')
   print(header + f'; load {common.load()}', flush=True)
+  peak_tflops, peak_source = ((FLAGS.peak_tflops, '--peak_tflops')
+                               if FLAGS.peak_tflops else
+                               flops_lib.device_peak())
+  report.update(peak_tflops=peak_tflops, peak_source=peak_source)
+  print(f'MFU peak: {peak_tflops or float("nan"):.4g} TFLOP/s per device '
+        f'({peak_source})', flush=True)
   for name in FLAGS.variants:
-    report['variants'][name] = run_variant(name, FLAGS.batch, dtype)
+    report['variants'][name] = run_variant(name, FLAGS.batch, dtype,
+                                           peak_tflops)
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
   report.update(wall_s=time.perf_counter() - start, peak_rss_gb=rss)
   print(f'\n{header}\n\n{table(report)}\n')
   print(f'GFLOP: per call (batch {FLAGS.batch}), XLA cost analysis of our '
-        'compiled functions; GFLOP/s: that / median time, both sides. ours / '
-        'theirs: median of per-repetition time ratios (< 1: ours faster).')
-  if not FLAGS.peak_tflops:
-    print('MFU: not computed -- the project keeps no per-device peak table '
-          'and a shared CPU has no peak to justify; give --peak_tflops '
-          '(a datasheet figure for this device and dtype) to print it.')
+        'lowered functions (flops.step_flops); GFLOP/s: that / median time, '
+        'both sides. ours / theirs: median of per-repetition time ratios '
+        '(< 1: ours faster).')
+  if peak_tflops:
+    print(f'MFU: GFLOP/s / {peak_tflops:.4g} TFLOP/s ({peak_source}), the '
+          'same peak for both sides and dtypes.')
+  else:
+    print(f'MFU: not computed ({peak_source}); give --peak_tflops.')
   print(f'wall {report["wall_s"]:.0f} s, peak RSS {report["peak_rss_gb"]:.2f}'
         f' GB, load {common.load()}')
   common.write_json(FLAGS.json_out, report)

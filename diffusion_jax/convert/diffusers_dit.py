@@ -35,6 +35,7 @@ Files are read by convert/diffusers.py (safetensors with numpy; `.bin` with
 torch, weights_only).
 """
 
+import json
 import math
 from typing import Any, Mapping
 
@@ -50,6 +51,16 @@ from diffusion_jax.models import dit
 SUBFOLDER = 'transformer'
 CLASS_NAMES = ('DiTTransformer2DModel', 'Transformer2DModel')
 MATCHES = ('diffusers', 'reference')
+# facebook/DiT-XL-2-256's transformer/config.json, the fields that
+# DiTTransformer2DModel takes: the released model (benchmarks build smaller
+# variants of it).
+DIT_XL_2_256 = dict(
+    activation_fn='gelu-approximate', attention_bias=True,
+    attention_head_dim=72, dropout=0.0, in_channels=4,
+    norm_elementwise_affine=False, norm_num_groups=32,
+    norm_type='ada_norm_zero', num_attention_heads=16,
+    num_embeds_ada_norm=1000, num_layers=28, out_channels=8, patch_size=2,
+    sample_size=32, upcast_attention=False)
 
 # DiTTransformer2DModel.__init__ defaults (diffusers 0.42.1); diffusers also
 # builds an old Transformer2DModel file with them (the class is remapped).
@@ -309,6 +320,23 @@ def convert_params(state_dict: Mapping[str, np.ndarray], depth: int,
           '(our layout)')
     leaves.append(np.ascontiguousarray(node, dtype=abstract.dtype))
   return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# -------------------------------------------------------------- config --
+def read_config(path: str) -> tuple[str, dict]:
+  """(the model directory, its config.json) of a local diffusers DiT (a
+  DiTTransformer2DModel directory or a pipeline root with transformer/);
+  no weights read."""
+  model_dir = cd.find_model_dir(path, SUBFOLDER, 'DiT')
+  file = f'{model_dir}/{cd.CONFIG_NAME}'
+  try:
+    with open(file) as f:
+      hf_config = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{file} is not readable JSON ({e})') from e
+  if not isinstance(hf_config, dict):
+    raise ValueError(f'{file} is not a JSON object')
+  return model_dir, hf_config
 
 
 def import_dit(path: str, match: str = 'reference'

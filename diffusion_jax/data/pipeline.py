@@ -198,7 +198,9 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int,
 
   With `with_labels` each batch is (images, int32 labels) instead, for
   class-conditional training; the images are the same either way. Labels
-  must lie in 0..num_classes-1 (num_classes > 0: checked per row).
+  must lie in 0..num_classes-1 (num_classes > 0: checked per row). With
+  config.data.captions (and no labels) each batch is (images, (token ids
+  (B, L) int32, mask (B, L) bool)) of the rows' captions (data/captions.py).
   With `sharding=None` it yields this process's numpy rows instead of a
   global array (tests, host-side benchmarks). `process_index/count` default
   to jax's and exist so the multi-process split can be tested in one process.
@@ -214,6 +216,9 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int,
     if with_labels:
       source = sources.LabelledRows(
           source, f'{cfg.source} split {cfg.train_split!r}', num_classes)
+    elif cfg.get('captions'):  # rows (image, (ids, mask))
+      from diffusion_jax.data import captions  # pylint: disable=g-import-not-at-top
+      source = captions.captioned_rows(cfg, source)
     flip = cfg.random_flip
   ds = grain.MapDataset.source(source)
   ds = ds.shuffle(seed=_derive_seed(seed, 0)).repeat()  # Reshuffles per epoch.

@@ -243,7 +243,8 @@ def _resize_row(image, cfg, where: str) -> np.ndarray:
     raise DataError(
         f'{where}: a {height}x{width} image does not fit in '
         f'config.data.image_size={size} by padding: use '
-        "config.latent.images.resize='center_crop' or a larger image_size.")
+        "resize='center_crop' (config.data or config.latent.images) or a "
+        'larger image_size.')
   top, left = (size - height) // 2, (size - width) // 2
   return np.pad(image, ((top, size - height - top), (left, size - width - left),
                         (0, 0)))
@@ -379,8 +380,8 @@ def open_split(cfg, split: str):
                     f'{", ".join(SOURCES)}.')
   resize = cfg.get('resize') or ''
   if resize not in RESIZE_MODES:
-    raise DataError(f'config.latent.images.resize={resize!r}: use one of '
-                    f'{RESIZE_MODES}.')
+    raise DataError(f'config.data.resize (or config.latent.images.resize)='
+                    f'{resize!r}: use one of {RESIZE_MODES}.')
   source = _OPENERS[cfg.source](cfg, split)
   if not len(source):
     raise DataError(f'{cfg.source} split {split!r} is empty.')

@@ -7,10 +7,11 @@ both p(x | y) and p(x); sampling follows
 
 for whatever the network predicts (eps, x0, v, velocity: all are affine in
 the score, so the combination is the guided score in any of them). w = 0 is
-plain conditional sampling.
+plain conditional sampling. The condition is a class label or a caption
+(a context sequence whose null is the learned null sequence).
 """
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +35,21 @@ def class_labels(num: int, num_classes: int, class_label: int = -1
 
 def guided_model(apply_fn: ApplyFn, labels: jax.Array, *, null_label: int,
                  scale: float | jax.Array, channels: int):
-  """(x, t) -> the guided output, in ONE network call per step; `scale` is
-  one w, or one per example ((B,): a guided distillation teacher's).
+  """(x, t) -> the guided output of a class-conditional network, in ONE
+  network call per step; `scale` is one w, or one per example ((B,): a
+  guided distillation teacher's). See guided_condition."""
+  return guided_condition(apply_fn, labels, jnp.full_like(labels, null_label),
+                          scale=scale, channels=channels)
+
+
+def guided_condition(apply_fn: Callable[[jax.Array, jax.Array, Any],
+                                        jax.Array],
+                     cond: Any, null: Any, *, scale: float | jax.Array,
+                     channels: int):
+  """(x, t) -> (1 + w) f(x, t, cond) - w f(x, t, null) in ONE network call
+  per step, for any condition pytree whose leaves have the batch as leading
+  axis: labels (B,), or a caption's (context (B, L[, D]), mask (B, L)) with
+  null its all-False mask (the null sequence, models/text.py).
 
   The conditional and unconditional inputs are interleaved row by row
   (x_0, x_0, x_1, x_1, ...) into a batch of 2B rather than concatenated:
@@ -45,18 +59,20 @@ def guided_model(apply_fn: ApplyFn, labels: jax.Array, *, null_label: int,
   (extra channels) is taken from the conditional half.
   """
   if isinstance(scale, (int, float)) and scale == 0.0:
-    return lambda x, t: apply_fn(x, t, labels)
+    return lambda x, t: apply_fn(x, t, cond)
 
   def guided(x, t):
     twice = lambda a: jnp.repeat(a, 2, axis=0)
-    null = jnp.full_like(labels, null_label)
-    y = jnp.stack([labels, null], axis=1).reshape(-1)
-    out = apply_fn(twice(x), twice(t), y)
+    both = jax.tree.map(
+        lambda c, u: jnp.stack([c, u], axis=1).reshape(-1, *c.shape[1:]),
+        cond, null)
+    out = apply_fn(twice(x), twice(t), both)
     out = out.reshape(x.shape[0], 2, *out.shape[1:])
-    cond, uncond = out[:, 0], out[:, 1]
-    w = jnp.reshape(scale, jnp.shape(scale) + (1,) * (cond.ndim - 1)
+    cond_out, uncond = out[:, 0], out[:, 1]
+    w = jnp.reshape(scale, jnp.shape(scale) + (1,) * (cond_out.ndim - 1)
                     if jnp.ndim(scale) else ())
-    mean = (1.0 + w) * cond[..., :channels] - w * uncond[..., :channels]
-    return jnp.concatenate([mean, cond[..., channels:]], axis=-1)
+    mean = ((1.0 + w) * cond_out[..., :channels]
+            - w * uncond[..., :channels])
+    return jnp.concatenate([mean, cond_out[..., channels:]], axis=-1)
 
   return guided

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import models
+from diffusion_jax.data import captions as captions_lib
 from diffusion_jax.diffusion import (bound_report, denoiser, guidance,
                                      likelihood, losses, processes, sampling,
                                      sde)
@@ -26,7 +27,10 @@ class DiffusionMethod(OneOptimizerMethod):
 
   Batches are images, or (images, labels) for a class-conditional network
   (num_classes > 0), whose labels are replaced by the null class with
-  probability label_dropout (classifier-free guidance, Ho & Salimans 2022).
+  probability label_dropout (classifier-free guidance, Ho & Salimans 2022),
+  or (images, (token ids (B, L), mask (B, L))) of captions (config.data.
+  captions) for a network that cross-attends to them, whose masks are set
+  all False (the null sequence) with probability context_dropout.
   t is drawn per example: uniformly, importance-sampled from the loss
   history in the state (ddpm with hybrid/vlb), logit-normal (continuous
   processes) or log-normal in sigma (edm); under importance sampling each example's loss is weighted by
@@ -41,7 +45,9 @@ class DiffusionMethod(OneOptimizerMethod):
                time_sampling: str = 'uniform', logit_normal_mean: float = 0.0,
                logit_normal_std: float = 1.0, num_classes: int = 0,
                label_dropout: float = 0.1, guidance_scale: float = 0.0,
-               class_label: int = -1, **optim):
+               class_label: int = -1,
+               captions: captions_lib.CaptionContext | None = None,
+               context_dropout: float = 0.1, **optim):
     super().__init__(**optim)
     self.network, self.process = network, process
     self.prediction, self.loss_name = prediction, loss
@@ -52,6 +58,8 @@ class DiffusionMethod(OneOptimizerMethod):
     self.num_classes, self.label_dropout = num_classes, label_dropout
     self.with_labels = num_classes > 0
     self.guidance_scale, self.class_label = guidance_scale, class_label
+    self.captions, self.context_dropout = captions, context_dropout
+    self.with_context = captions is not None
     self.importance = (losses.ImportanceSampler(process.num_timesteps)
                        if time_sampling == 'importance' else None)
     self._per_example = losses.per_example_loss(loss, prediction)
@@ -68,12 +76,23 @@ class DiffusionMethod(OneOptimizerMethod):
     process = processes.create_process(d)
     settings = sampling.SampleSettings.from_config(config)
     sampling.check(process, d.prediction, settings)
-    if s.guidance_scale and not config.model.num_classes:
+    m, captioned = config.model, bool(config.data.get('captions', ''))
+    if s.guidance_scale and not (m.num_classes or captioned):
       raise ValueError(
           f'config.sample.guidance_scale={s.guidance_scale} needs a class-'
-          'conditional model (config.model.num_classes > 0)')
-    if config.model.num_classes:
-      guidance.class_labels(1, config.model.num_classes, s.class_label)
+          'conditional model (config.model.num_classes > 0) or captions '
+          '(config.data.captions)')
+    if m.num_classes:
+      guidance.class_labels(1, m.num_classes, s.class_label)
+    if captioned != bool(m.get('context_dim', 0)) or (
+        captioned and m.num_classes):
+      raise ValueError(
+          f'config.data.captions={config.data.get("captions", "")!r} and '
+          f'config.model.context_dim={m.get("context_dim", 0)} go together '
+          f'(and without config.model.num_classes={m.num_classes}): set both '
+          'or neither, and num_classes=0 with captions')
+    captions = captions_lib.CaptionContext.from_config(config) if (
+        captioned) else None
     if image_shape is None:
       data = config.data
       image_shape = (data.image_size, data.image_size, data.channels)
@@ -89,6 +108,7 @@ class DiffusionMethod(OneOptimizerMethod):
         num_classes=config.model.num_classes,
         label_dropout=config.model.label_dropout,
         guidance_scale=s.guidance_scale, class_label=s.class_label,
+        captions=captions, context_dropout=m.get('context_dropout', 0.1),
         optimizer=create_optimizer(config.optim),
         learning_rate_fn=learning_rate_schedule(config.optim),
         ema_decay=config.optim.ema_decay, seed=config.seed,
@@ -100,7 +120,8 @@ class DiffusionMethod(OneOptimizerMethod):
   def describe(self) -> str:
     kind = 'ddpm' if self.process.is_discrete else self.process.kind
     return (f'diffusion: {kind} process, {self.prediction} prediction, '
-            f'{self.loss_name} loss, {self.sample_settings.sampler} sampler')
+            f'{self.loss_name} loss, {self.sample_settings.sampler} sampler'
+            + (', cross-attending to captions' if self.with_context else ''))
 
   # ------------------------------------------------------------ networks --
 
@@ -117,12 +138,17 @@ class DiffusionMethod(OneOptimizerMethod):
     return getattr(self.network, 'guidance_input', False)
 
   def network_fn(self, params, labels=None, *, train: bool = False,
-                 dropout_rng=None, guidance=None) -> denoiser.NetworkFn:
+                 dropout_rng=None, guidance=None, context=None,
+                 context_mask=None) -> denoiser.NetworkFn:
     """(x_t, t) -> the network's output at the process's time t (the
     network sees process.model_time(t)); labels None: the null class;
-    guidance: (B,) weights for a network that takes them."""
+    guidance: (B,) weights for a network that takes them; context (B, L)
+    ids or (B, L, D) embeddings and context_mask (B, L) for one that
+    cross-attends (None: the null sequence)."""
     rngs = {'dropout': dropout_rng} if train else None
     extra = {} if guidance is None else {'guidance': guidance}
+    if context is not None:
+      extra.update(context=context, context_mask=context_mask)
     return lambda x, t: self.network.apply(
         {'params': params}, x, self.process.model_time(t), labels,
         train=train, rngs=rngs, **extra)
@@ -133,7 +159,10 @@ class DiffusionMethod(OneOptimizerMethod):
     return self.importance.init() if self.importance else None
 
   def draw(self, batch, rng, loss_history):
-    images, labels = batch if self.with_labels else (batch, None)
+    if self.with_context:
+      images, (ids, mask) = batch
+    else:
+      images, labels = batch if self.with_labels else (batch, None)
     t_rng, label_rng = jax.random.split(rng)
     n = images.shape[0]
     weights = jnp.ones((n,), jnp.float32)
@@ -156,11 +185,23 @@ class DiffusionMethod(OneOptimizerMethod):
     if self.with_labels:
       drop = jax.random.bernoulli(label_rng, self.label_dropout, labels.shape)
       labels = jnp.where(drop, self.num_classes, labels)
+    if self.with_context:  # label_rng is free: captions exclude labels
+      return dict(x0=images, t=t, noise=noise, weights=weights,
+                  **self.drop_context(ids, mask, label_rng))
     return dict(x0=images, t=t, noise=noise, weights=weights, labels=labels)
+
+  def drop_context(self, ids, mask, rng) -> dict:
+    """The network's context of a batch's captions, each row's mask set
+    all False (the null sequence) with probability context_dropout."""
+    context, context_mask = self.captions.network_context(ids, mask)
+    drop = jax.random.bernoulli(rng, self.context_dropout, (ids.shape[0],))
+    return dict(labels=None, context=context,
+                context_mask=context_mask & ~drop[:, None])
 
   def loss(self, params, xs, rng):
     network_fn = self.network_fn(params, xs['labels'], train=True,
-                                 dropout_rng=rng)
+                                 dropout_rng=rng, context=xs.get('context'),
+                                 context_mask=xs.get('context_mask'))
     values = self._per_example(network_fn, self.process, xs['x0'], xs['t'],
                                xs['noise'])
     return jnp.mean(xs['weights'] * values), values
@@ -182,6 +223,14 @@ class DiffusionMethod(OneOptimizerMethod):
       network_fn = self.network_fn(
           params, labels,
           guidance=jnp.full((num,), self.guidance_scale, jnp.float32))
+    elif self.with_context:  # captions of config.sample.captions, cycled
+      context = self.captions.network_context(*self.captions.sample_tokens(
+          num))
+      apply_fn = lambda x, t, c: self.network_fn(
+          params, context=c[0], context_mask=c[1])(x, t)
+      network_fn = guidance.guided_condition(
+          apply_fn, context, (context[0], jnp.zeros_like(context[1])),
+          scale=self.guidance_scale, channels=self.image_shape[-1])
     elif self.num_classes:
       labels = guidance.class_labels(num, self.num_classes, self.class_label)
       apply_fn = lambda x, t, y: self.network_fn(params, y)(x, t)
@@ -192,6 +241,11 @@ class DiffusionMethod(OneOptimizerMethod):
       network_fn = self.network_fn(params)
     return denoiser.make_denoiser(network_fn, self.process, self.prediction)
 
+  def sample_captions(self, num: int) -> list[str] | None:
+    """The caption each of `num` images of one `sample` call is drawn for
+    (None without captions): what sample mode should write beside them."""
+    return self.captions.sample_captions_of(num) if self.with_context else None
+
   def sample(self, params, noise, rng):
     return sampling.run(self.denoiser(params, noise.shape[0]), self.process,
                         noise, rng, self.sample_settings)
@@ -199,7 +253,7 @@ class DiffusionMethod(OneOptimizerMethod):
   def evaluations_per_call(self) -> int:
     """Network evaluations per image in one denoiser call: 2 under
     classifier-free guidance (conditional and null-class rows), else 1."""
-    guided = self.num_classes and self.guidance_scale
+    guided = (self.num_classes or self.with_context) and self.guidance_scale
     return 2 if guided and not self.takes_guidance else 1
 
   def network_calls(self) -> int:

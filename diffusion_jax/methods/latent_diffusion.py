@@ -28,8 +28,19 @@ it). Its weights are read once, in `prepare()`, where their hash is checked
 against the cache's manifest; everything else about the cache (config
 identity, shapes, scale, data) is checked when the method is built, before
 anything compiles.
+
+Sampling needs no cache: where config.data.data_dir holds no complete one
+(sample mode of imported weights, convert/diffusers_cli.py; a run whose
+cache was deleted) the method is built from the config alone, with the
+scale config.latent.scale_factor or else the diffusers VAE's
+scaling_factor, the decoder coming from the checkpoint. Training still
+needs the cache: `prepare()` then raises the cache's error, before
+anything compiles.
 """
 
+import os
+
+from absl import logging
 import jax
 import jax.numpy as jnp
 
@@ -42,6 +53,8 @@ class LatentDiffusion(DiffusionMethod):
   """DiffusionMethod on cached latents; samples are decoded to pixels."""
 
   name = 'latent_diffusion'
+  # The cache's error where config.data.data_dir holds none (sampling only).
+  missing_cache = None
 
   def setup_latent(self, *, info, scale: float, pixel_shape, manifest,
                    sample_posterior: bool) -> None:
@@ -54,8 +67,8 @@ class LatentDiffusion(DiffusionMethod):
 
   @classmethod
   def from_config(cls, config, **kwargs) -> 'LatentDiffusion':
-    """Checks the cache against the config (store.check) and builds the
-    network for the latent shape."""
+    """Checks the cache against the config (store.check), if there is one,
+    and builds the network for the latent shape."""
     latent, data = config.latent, config.data
     info = autoencoder_source.describe(latent.autoencoder,
                                        latent.autoencoder_step)
@@ -65,8 +78,11 @@ class LatentDiffusion(DiffusionMethod):
           f'{info.in_channels}-channel images with sides divisible by '
           f'f={info.down_factor}: config.data.channels={data.channels} and '
           f'config.data.image_size={data.image_size} do not fit it')
-    manifest = store.read_manifest(data.data_dir)
-    scale = store.check(manifest, config, info, data.data_dir)
+    manifest, missing = _manifest_or_none(data.data_dir)
+    if manifest is None:
+      scale = _scale_without_cache(config, info, missing)
+    else:
+      scale = store.check(manifest, config, info, data.data_dir)
     latent_shape = info.latent_shape(data.image_size)
     _check_network(config.model, latent_shape)
     method = super().from_config(config, image_shape=latent_shape, **kwargs)
@@ -74,6 +90,7 @@ class LatentDiffusion(DiffusionMethod):
         info=info, scale=scale, manifest=manifest,
         pixel_shape=(data.image_size, data.image_size, data.channels),
         sample_posterior=latent.sample_posterior)
+    method.missing_cache = missing
     return method
 
   def describe(self) -> str:
@@ -87,6 +104,8 @@ class LatentDiffusion(DiffusionMethod):
   def _loaded(self) -> autoencoder_source.Autoencoder:
     ae = autoencoder_source.load(self.autoencoder_info.path,
                                  self.autoencoder_info.step or 0)
+    if self.manifest is None:  # an import (no cache to agree with)
+      return ae
     cached = self.manifest['autoencoder']['params_sha256']
     if ae.params_sha256 != cached:
       raise store.LatentCacheError(
@@ -98,6 +117,8 @@ class LatentDiffusion(DiffusionMethod):
     return ae
 
   def prepare(self):
+    if self.missing_cache is not None:  # training reads the cache
+      raise self.missing_cache
     self._loaded()  # outside jit; init closes over its arrays
 
   def init_aux_state(self):
@@ -170,6 +191,39 @@ class LatentDiffusion(DiffusionMethod):
     images (LDM reports none either)."""
     del params, images, rng
     return None
+
+
+def _manifest_or_none(data_dir: str):
+  """(the cache's manifest, None), or (None, the LatentCacheError saying how
+  to write one) where data_dir holds no manifest.json. A manifest that is
+  there but of another format or version is an error at once."""
+  try:
+    return store.read_manifest(data_dir), None
+  except store.LatentCacheError as e:
+    if data_dir and '://' not in data_dir and os.path.isfile(
+        os.path.join(store.cache_dir(data_dir), store.MANIFEST)):
+      raise
+    return None, e
+
+
+def _scale_without_cache(config, info, missing) -> float:
+  """The latent scale where no cache records one: config.latent.scale_factor,
+  else the diffusers VAE's scaling_factor; an autoencoder run's scale (1/std
+  of its training latents) is recorded only in its cache."""
+  scale = config.latent.scale_factor or info.scaling_factor
+  if not scale:
+    raise store.LatentCacheError(
+        f'{missing} -- and without the cache the latent scale of '
+        f'config.latent.autoencoder={info.path!r} (an autoencoder run: 1/std '
+        'of its cached training latents) is unknown: set '
+        'config.latent.scale_factor to the scale_factor in the manifest.json '
+        'of the cache the network was trained on')
+  logging.info('No latent cache in config.data.data_dir=%r: sampling only '
+               '(training needs it); scale %.6g from %s.',
+               config.data.data_dir, scale,
+               'config.latent.scale_factor' if config.latent.scale_factor
+               else "the VAE's scaling_factor")
+  return float(scale)
 
 
 def _check_network(model, latent_shape) -> None:
