@@ -198,6 +198,8 @@ def evaluate(exp: Experiment, workdir: str, step: int | None = None) -> dict:
     (out_dir / 'metrics.json').write_text(json.dumps(metrics, indent=1))
     if with_likelihood:
       exp.method.write_likelihood_figures(metrics, out_dir)
+    exp.method.write_eval_figures(params, out_dir,
+                                  exp.sample_rng(EVAL_STREAM))
     if figure is not None:  # originals | reconstructions
       visualization.save_png(str(out_dir / 'reconstructions.png'), figure,
                              min_size=512)

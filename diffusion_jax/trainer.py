@@ -73,8 +73,10 @@ def _check_finite(host_metrics, first_step, checkpointer):
   return values
 
 
-def _flush_metrics(pending, first_step, writer, checkpointer, t_last, t_now):
-  """Pulls per-step metrics to host, fails on NaN/inf, writes means."""
+def _flush_metrics(pending, first_step, writer, checkpointer, t_last, t_now,
+                   diagnose=None):
+  """Pulls per-step metrics to host, fails on NaN/inf, writes means; fails
+  too when diagnose(means) (the method's) returns a message."""
   # Each entry holds one call's metrics: scalars, or (k,) with steps_per_call.
   values = _check_finite(jax.device_get(pending), first_step, checkpointer)
   num_steps = len(next(iter(values.values())))
@@ -83,6 +85,13 @@ def _flush_metrics(pending, first_step, writer, checkpointer, t_last, t_now):
   if t_now > t_last:
     summary['steps_per_sec'] = num_steps / (t_now - t_last)
   writer.write_scalars(first_step + num_steps, summary)
+  message = diagnose(summary) if diagnose else None
+  if message:  # raised before this step's checkpoint is written
+    checkpointer.wait_until_finished()
+    raise NonFiniteLossError(
+        f'stopped at step {first_step + num_steps} (means over steps '
+        f'{first_step + 1}-{first_step + num_steps}): {message}. '
+        f'{_kept_checkpoint(checkpointer)}apply a fix and rerun.')
   return summary
 
 
@@ -263,7 +272,8 @@ def _train(exp: Experiment, workdir: str, checkpointer):
         if done % loop.log_every_steps == 0 or save_now:
           t_now = time.perf_counter()
           summary = _flush_metrics(pending, first_pending, writer,
-                                   checkpointer, t_last, t_now)
+                                   checkpointer, t_last, t_now,
+                                   method.diagnose)
           rates = {}
           if 'steps_per_sec' in summary:
             rates = {'images_per_sec': summary['steps_per_sec'] *

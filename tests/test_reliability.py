@@ -128,7 +128,7 @@ BAD_INPUT = [
     (['--config.sample_quality.network=vgg'], 'config.sample_quality.network'),
     (['--config.diffusion.loss=l3'], 'config.diffusion.loss'),
     (['--config.diffusion.prediction=score'], 'config.diffusion.prediction'),
-    (['--config.method=gan'], 'config.method'),
+    (['--config.method=flow_matching'], 'config.method'),
     (['--config.data.source=cifar'], 'digits'),
     # Sample mode runs the same checks as training (it skipped them).
     (['--mode=sample', '--config.sample.guidance_scale=3'],

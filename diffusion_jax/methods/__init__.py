@@ -14,7 +14,11 @@ from diffusion_jax.methods.consistency_distillation import (
     ConsistencyDistillation)
 from diffusion_jax.methods.diffusion import DiffusionMethod
 from diffusion_jax.methods.distillation import ProgressiveDistillation
+from diffusion_jax.methods.glow import GlowMethod
+from diffusion_jax.methods.gan import GanMethod
 from diffusion_jax.methods.latent_diffusion import LatentDiffusion
+from diffusion_jax.methods.pixelcnn import PixelCNNMethod
+from diffusion_jax.methods.vae import VAEMethod
 
 
 def _diffusion(config) -> DiffusionMethod:
@@ -31,6 +35,10 @@ METHODS: dict[str, Callable] = {
     'consistency_training': ConsistencyTraining.from_config,
     'consistency_distillation': ConsistencyDistillation.from_config,
     'autoencoder': AutoencoderMethod.from_config,
+    'glow': GlowMethod.from_config,
+    'vae': VAEMethod.from_config,
+    'gan': GanMethod.from_config,
+    'pixelcnn': PixelCNNMethod.from_config,
 }
 
 

@@ -117,6 +117,21 @@ class Method(abc.ABC):
     """One line for the log: what is trained."""
     return self.name
 
+  def write_eval_figures(self, params: Any, out_dir, rng: jax.Array) -> None:
+    """Method-specific figures of eval mode (a GAN's latent interpolation)
+    into out_dir (an epath.Path), from the sample params; optional. Called
+    once, on process 0 only: compute on host copies (jax.device_get), never
+    on the global mesh."""
+    del params, out_dir, rng
+
+  def diagnose(self, metrics_means: dict) -> str | None:
+    """Called by the trainer at each logging interval with the interval's
+    mean metrics: a message (what went wrong and the likely fixes) stops
+    the run as a non-finite loss does, the last checkpoint kept; None to
+    go on. The default never stops."""
+    del metrics_means
+    return None
+
 
 def micro_batches(x: jax.Array, m: int) -> jax.Array:
   """(B, ...) -> (m, B/m, ...), micro-batch i = rows i, i+m, i+2m, ...
