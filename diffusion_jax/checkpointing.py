@@ -3,7 +3,13 @@
 One small wrapper around `ocp.CheckpointManager` so the rest of the code
 never touches Orbax directly. A checkpoint holds two items:
   state: the full `TrainState` (params, EMA params, optimizer state, step),
-  data:  the input iterator's position (JSON).
+  data:  the input iterator's position (JSON): the next global step, the
+         same on every process and device count (data/pipeline.py).
+Arrays are saved as global arrays, each process writing its own shards in
+parallel (Orbax's default); `restore` reads them onto the shardings of the
+abstract state it is given, so a run saved with its state split over 8
+devices (config.mesh.fsdp) resumes on any other mesh: other shardings of
+the same global arrays, bit for bit.
 Saves are asynchronous; a save that did not finish is never listed as a step
 (Orbax commits a step by an atomic rename of a `*.orbax-checkpoint-tmp*`
 directory, or a commit marker on gs://), so resume never picks it; the

@@ -12,14 +12,15 @@ the likelihood evaluation stream 2.
 """
 
 import dataclasses
-from typing import Iterator
+import functools
+from typing import Any, Iterator
 
 from etils import epath
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 
-from diffusion_jax import config_checks, methods, parallel
+from diffusion_jax import config_checks, methods, parallel, sharding
 from diffusion_jax.data import pipeline
 from diffusion_jax.metrics import networks
 from diffusion_jax.methods import Method
@@ -75,23 +76,38 @@ class Experiment:
   sample_num_images: int
   progressive_timesteps: tuple[int, ...]
   progressive_num_images: int
+  # config.mesh's rules for the state over 'fsdp' (sharding.py); train
+  # mode only: sample and eval modes restore it replicated, as their
+  # jits (evaluate.py) take it.
+  sharding_rules: sharding.ShardingRules = sharding.ShardingRules()
+  shard_state: bool = True
 
   # ------------------------------------------------------------- state --
 
+  @functools.cached_property
+  def state_sharding(self) -> Any:
+    """The state's NamedShardings (sharding.py): parameters, EMAs and Adam
+    moments split over 'fsdp' by their logical axis names, the rest
+    replicated; all replicated when fsdp is 1 or shard_state is off."""
+    shapes = self.method.abstract_init()
+    if not self.shard_state:
+      return jax.tree.map(lambda _: parallel.replicated(self.mesh), shapes)
+    return sharding.state_shardings(shapes, self.mesh, self.sharding_rules)
+
   def init_state(self, rng: jax.Array | None = None):
-    """A fresh train state, replicated over the mesh (rng: key(seed))."""
+    """A fresh train state on its shardings (rng: key(seed)): each device
+    computes only its shards."""
     rng = jax.random.key(self.seed) if rng is None else rng
     self.method.prepare()
-    return jax.jit(self.method.init,
-                   out_shardings=parallel.replicated(self.mesh))(rng)
+    return jax.jit(self.method.init, out_shardings=self.state_sharding)(rng)
 
   def abstract_state(self):
-    """Shapes, dtypes and (replicated) shardings of the state, no compute."""
-    shapes = self.method.abstract_init()
-    repl = parallel.replicated(self.mesh)
+    """Shapes, dtypes and shardings of the state, no compute (what a
+    checkpoint is restored onto: another topology is just other
+    shardings of the same global arrays)."""
     return jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
-        shapes)
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        self.method.abstract_init(), self.state_sharding)
 
   # ---------------------------------------------------- compiled steps --
 
@@ -115,23 +131,36 @@ class Experiment:
         # (5.3 vs 0.39 s at batch 64, jaxlib 0.10): unroll it there.
         return jax.lax.scan(one_step, state, stacked,
                             unroll=k if jax.default_backend() == 'cpu' else 1)
-    repl = parallel.replicated(self.mesh)
-    return jax.jit(step, in_shardings=(repl, parallel.batch_sharded(self.mesh)),
-                   out_shardings=(repl, repl), donate_argnums=(0,),
+    # FSDP (ZeRO-3) by shardings alone: XLA all-gathers each sharded
+    # weight where the step uses it and reduce-scatters its gradient onto
+    # the shards that the optimizer and EMA update in place.
+    state = self.state_sharding
+    return jax.jit(step, in_shardings=(state, parallel.batch_sharded(self.mesh)),
+                   out_shardings=(state, parallel.replicated(self.mesh)),
+                   donate_argnums=(0,),
                    compiler_options=conv.train_compiler_options(
                        self.loop.train_ynn_conv))
 
   def jit_sample_fn(self, x0_at: tuple[int, ...] = ()):
-    """(params, noise, rng) -> images, noise sharded over 'data'. With x0_at
-    (diffusion, ddpm only) -> (images, x0 predictions (len(x0_at), B, ...))."""
+    """(params, noise, rng) -> images, noise sharded over the batch axes.
+    With x0_at (diffusion, ddpm only) -> (images, x0 predictions
+    (len(x0_at), B, ...)). Params come on any sharding (a training run's
+    are split over 'fsdp'): gathered once per call, not once per network
+    evaluation of the sampling loop."""
     batch = parallel.batch_sharded(self.mesh)
+    repl = parallel.replicated(self.mesh)
+    sample = (self.method.sample_progressive if x0_at else self.method.sample)
+    extra = (x0_at,) if x0_at else ()
+
+    def fn(params, noise, rng):
+      params = jax.lax.with_sharding_constraint(params, repl)
+      return sample(params, noise, rng, *extra)
     if x0_at:
-      fn = lambda p, z, r: self.method.sample_progressive(p, z, r, x0_at)
-      out = (batch, NamedSharding(self.mesh, P(None, parallel.DATA_AXIS)))
+      out = (batch, NamedSharding(self.mesh,
+                                  P(None, parallel.batch_axes(self.mesh))))
     else:
-      fn, out = self.method.sample, batch
-    return jax.jit(fn, in_shardings=(parallel.replicated(self.mesh), batch,
-                                     None),
+      out = batch
+    return jax.jit(fn, in_shardings=(None, batch, None),
                    out_shardings=out,
                    compiler_options=conv.inference_compiler_options())
 
@@ -206,7 +235,7 @@ def _check_loop(config, mesh) -> None:
           f'sample between calls of {k} steps. Set config.{key} to a multiple '
           f'of {k} or lower config.steps_per_call.')
   m = config.grad_accum_steps
-  per_device = config.batch_size // mesh.devices.size
+  per_device = config.batch_size // parallel.num_batch_shards(mesh)
   if per_device % m:
     raise ValueError(
         f'config.grad_accum_steps={m} does not divide the per-device batch '
@@ -221,7 +250,19 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None, *,
   objects; fails with the key's name before anything compiles. `method`
   replaces the config's (benchmarks that train an MLP on points)."""
   config_checks.check(config, mode)  # values alone; then the mesh's
-  mesh = parallel.create_mesh() if mesh is None else mesh
+  mesh_config = config.get('mesh')  # a given mesh wins over config.mesh
+  if mesh is None:
+    mesh = (parallel.create_mesh(data=mesh_config.data, fsdp=mesh_config.fsdp)
+            if mesh_config else parallel.create_mesh())
+  rules = sharding.ShardingRules.from_config(mesh_config)
+  if (mode == 'train' and config.posthoc_ema.sigma_rels
+      and dict(mesh.shape).get(parallel.FSDP_AXIS, 1) > 1):
+    # posthoc_ema.flatten reads each process's first shard of an array.
+    raise ValueError(
+        f'config.posthoc_ema.sigma_rels={tuple(config.posthoc_ema.sigma_rels)}'
+        f' with config.mesh.fsdp={mesh.shape[parallel.FSDP_AXIS]}: power-EMA '
+        'snapshots are written from replicated states only; set '
+        'config.mesh.fsdp=1 or config.posthoc_ema.sigma_rels=()')
   if mode == 'train':
     _check_loop(config, mesh)
   if mode == 'sample':
@@ -244,7 +285,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None, *,
       and not hasattr(method, 'sample_progressive')):
     raise ValueError('config.sample.progressive_timesteps needs a diffusion '
                      f'method; {method.describe()} has no x0 predictions')
-  return Experiment(
+  exp = Experiment(
       config=config, mesh=mesh, method=method, seed=config.seed,
       data=config.data,
       loop=LoopSettings(
@@ -271,4 +312,10 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None, *,
       sample_batch_size=config.sample.batch_size,
       sample_num_images=config.sample.num_images,
       progressive_timesteps=tuple(config.sample.progressive_timesteps),
-      progressive_num_images=config.sample.progressive_num_images)
+      progressive_num_images=config.sample.progressive_num_images,
+      sharding_rules=rules, shard_state=mode == 'train')
+  if mode == 'train' and dict(mesh.shape).get(parallel.FSDP_AXIS, 1) > 1:
+    # An indivisible parameter (replicate_indivisible=False) fails here,
+    # before any restore or compile.
+    exp.state_sharding  # pylint: disable=pointless-statement
+  return exp

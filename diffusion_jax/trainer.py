@@ -23,6 +23,7 @@ import optax
 import tqdm
 
 from diffusion_jax import checkpointing, experiment, parallel, posthoc_ema
+from diffusion_jax import sharding
 from diffusion_jax import report
 from diffusion_jax import visualization
 from diffusion_jax import errors
@@ -199,6 +200,9 @@ def _train(exp: Experiment, workdir: str, checkpointer):
       f'{num_params:,}', dict(mesh.shape), mesh.devices.size,
       jax.devices()[0].platform, jax.process_count(), loop.batch_size,
       loop.batch_size // mesh.devices.size)
+  # What config.mesh.fsdp buys: each device's share of the state.
+  logging.info('Mesh %s; train state %s.', dict(mesh.shape),
+               sharding.describe_bytes(sharding.bytes_per_device(state)))
   writer.write_hparams({'num_params': num_params,
                         'batch_size': loop.batch_size,
                         'num_devices': int(mesh.devices.size)})

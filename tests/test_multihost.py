@@ -2,6 +2,7 @@
 against a 1-process run with the same global batch, devices and seed."""
 
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -65,3 +66,44 @@ def test_two_processes_match_one_process(tmp_path):
   grid = lambda d: np.asarray(Image.open(
       tmp_path / d / 'samples' / 'ema_step_00000003.png'))
   np.testing.assert_array_equal(grid('multi'), grid('single'))
+
+
+def test_fsdp8_checkpoint_restores_on_two_processes_bit_exactly(tmp_path):
+  """Issue 17: a run saved by 1 process on 8 devices with fsdp 8 restores on
+  2 processes x 2 devices (data 2, fsdp 2): every shard each process holds
+  is bit-equal to the saved array's slice, and the next train batch is the
+  1-process run's (the data position is global)."""
+  saved = _launch(tmp_path / 'run', 8, ['--config.mesh.fsdp=8'])
+  out, _ = saved.communicate(timeout=600)
+  assert saved.returncode == 0, out[-4000:]
+  port = _free_port()
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  procs = [subprocess.Popen(
+      [sys.executable, 'tests/multihost_restore.py', str(port), str(i),
+       str(tmp_path / 'run'), str(tmp_path / f'p{i}.pkl')], cwd=REPO,
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  for p in procs:
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out[-4000:]
+  want, data = _final_state(str(tmp_path / 'run'))
+  assert data == {'step': 3}
+  config = tiny_config(**{'diffusion.num_timesteps': 10})
+  it = experiment.build(config, parallel.create_mesh(jax.devices()[:1])
+                        ).train_iterator(start_step=3)
+  want_batch = parallel.gather(next(it))
+  it.close()
+  leaves = [np.asarray(x) for x in jax.tree.leaves(want)]
+  for i in range(2):
+    with open(tmp_path / f'p{i}.pkl', 'rb') as f:
+      got = pickle.load(f)
+    assert got['data'] == {'step': 3}
+    # conv_in's 16 output channels over fsdp 2: 8 per device.
+    assert got['fsdp_shape'][-1] == 8
+    assert len(got['shards']) == len(leaves)
+    for leaf, shards in zip(leaves, got['shards']):
+      for index, shard in shards:
+        np.testing.assert_array_equal(
+            shard, leaf[tuple(slice(a, b) for a, b in index)])
+    np.testing.assert_array_equal(got['batch'], want_batch)

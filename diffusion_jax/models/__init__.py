@@ -38,6 +38,7 @@ def _unet(c: ml_collections.ConfigDict, out_channels: int, image_size: int):
               num_groups=c.num_groups, temb_dim=c.temb_dim,
               dtype=_DTYPES[c.dtype], num_classes=c.num_classes,
               guidance_input=c.get('guidance_input', False),
+              remat=c.get('remat', 'none'),
               cross_attn_heads=heads, **context)
 
 
@@ -61,6 +62,7 @@ def _dit(c: ml_collections.ConfigDict, out_channels: int, image_size: int):
                  mlp_ratio=c.mlp_ratio, num_classes=c.num_classes,
                  time_freq_shift=c.dit_time_freq_shift,
                  mlp_norm_eps=c.dit_mlp_norm_eps, dtype=_DTYPES[c.dtype],
+                 remat=c.get('remat', 'none'),
                  **text.context_kwargs(c))
 
 

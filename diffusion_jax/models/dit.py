@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.models import remat as remat_lib
 from diffusion_jax.models import text
 from diffusion_jax.models.cross_attention import CrossAttentionBlock
 
@@ -295,6 +296,7 @@ class DiT(nn.Module):
   time_freq_shift: float = 0.0
   mlp_norm_eps: float = LAYER_NORM_EPS
   dtype: jnp.dtype = jnp.float32
+  remat: str = 'none'  # models/remat.py's POLICIES, per DiTBlock
   context_dim: int = 0
   text_vocab_size: int = 0
   text_max_length: int = 0
@@ -342,8 +344,9 @@ class DiT(nn.Module):
         self.text_depth, self.text_heads, self.dtype, name='context_encoder')(
             context, context_mask, b) if self.context_dim else None
 
+    block = remat_lib.checkpointed(DiTBlock, self.remat)
     for i in range(self.depth):
-      h = DiTBlock(self.num_heads, self.mlp_ratio, self.mlp_norm_eps,
+      h = block(self.num_heads, self.mlp_ratio, self.mlp_norm_eps,
                    self.dtype, name=f'blocks_{i}')(h, c, ctx)
     out = self.out_channels
     h = FinalLayer(p * p * out, self.dtype, name='final_layer')(h, c)

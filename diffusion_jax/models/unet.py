@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models import conv as conv_lib
+from diffusion_jax.models import remat as remat_lib
 from diffusion_jax.models import text
 from diffusion_jax.models.cross_attention import CrossAttentionBlock
 from diffusion_jax.models.group_norm import GroupNorm
@@ -74,7 +75,7 @@ class ResnetBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, temb, *, train: bool):
+  def __call__(self, x, temb, train: bool):
     conv = lambda ch, k, name, **kw: Conv(
         ch, (k, k), padding='SAME', dtype=self.dtype, name=name,
         kernel_init=kw.pop('kernel_init', _default_init))
@@ -179,6 +180,7 @@ class UNet(nn.Module):
   num_groups: int = 32
   temb_dim: int = 512
   dtype: jnp.dtype = jnp.float32
+  remat: str = 'none'  # models/remat.py's POLICIES
   num_classes: int = 0
   guidance_input: bool = False
   context_dim: int = 0
@@ -205,8 +207,12 @@ class UNet(nn.Module):
           f'2**{len(self.ch_mult) - 1} (len(ch_mult)={len(self.ch_mult)}): '
           'change config.model.ch_mult or config.data.image_size')
     kw = dict(num_groups=self.num_groups, dtype=self.dtype)
-    res_block = lambda ch, name: ResnetBlock(ch, self.dropout, name=name, **kw)
-    attn_block = lambda name: AttentionBlock(name=name, **kw)
+    # Remat per block; `train` (argument 3, the module being 0) is static.
+    resnet = remat_lib.checkpointed(ResnetBlock, self.remat,
+                                    static_argnums=(3,))
+    res_block = lambda ch, name: resnet(ch, self.dropout, name=name, **kw)
+    attn_block = lambda name: remat_lib.checkpointed(
+        AttentionBlock, self.remat)(name=name, **kw)
     text.check_context_call(self.context_dim, context, context_mask, 'U-Net')
     ctx = text.ContextEncoder(
         self.context_dim, self.text_vocab_size, self.text_max_length,
@@ -249,8 +255,7 @@ class UNet(nn.Module):
     for level, mult in enumerate(self.ch_mult):
       prefix = f'down_blocks_{level}'
       for j in range(self.num_res_blocks):
-        h = res_block(self.ch * mult, f'{prefix}_resnets_{j}')(
-            h, temb, train=train)
+        h = res_block(self.ch * mult, f'{prefix}_resnets_{j}')(h, temb, train)
         if h.shape[1] in self.attn_resolutions:
           h = attention(h, f'{prefix}_attentions_{j}',
                         f'{prefix}_cross_attn_{j}')
@@ -259,16 +264,15 @@ class UNet(nn.Module):
         h = Downsample(self.dtype, name=f'{prefix}_downsamplers_0')(h)
         skips.append(h)
 
-    h = res_block(h.shape[-1], 'mid_block_resnets_0')(h, temb, train=train)
+    h = res_block(h.shape[-1], 'mid_block_resnets_0')(h, temb, train)
     h = attention(h, 'mid_block_attentions_0', 'mid_block_cross_attn_0')
-    h = res_block(h.shape[-1], 'mid_block_resnets_1')(h, temb, train=train)
+    h = res_block(h.shape[-1], 'mid_block_resnets_1')(h, temb, train)
 
     for i, mult in enumerate(reversed(self.ch_mult)):
       prefix = f'up_blocks_{i}'
       for j in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-        h = res_block(self.ch * mult, f'{prefix}_resnets_{j}')(
-            h, temb, train=train)
+        h = res_block(self.ch * mult, f'{prefix}_resnets_{j}')(h, temb, train)
         if h.shape[1] in self.attn_resolutions:
           h = attention(h, f'{prefix}_attentions_{j}',
                         f'{prefix}_cross_attn_{j}')
