@@ -32,7 +32,13 @@ def get_config() -> ml_collections.ConfigDict:
   data.image_size = 8  # images are checked to be image_size x image_size.
   data.channels = 1
   data.random_flip = False  # horizontal flips; never for digits.
+  # '' (images must be image_size already), 'pad' (centred, zeros: 28x28
+  # Fashion-MNIST -> 32x32) or 'center_crop' (then BICUBIC, as ADM).
+  data.resize = ''
   data.prefetch = 2  # batches prepared ahead on a background thread.
+  # Template captions of a labelled source (data/captions.py): '' or
+  # 'digit_weight' ("a thick 3"); needs model.context_dim > 0.
+  data.captions = ''
 
   # Diffusion process (diffusion_jax/diffusion/schedules.py, losses.py, samplers.py;
   # continuous time: sde.py, sde_samplers.py).
@@ -95,6 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_groups = 8
   model.temb_dim = 128  # 4 * ch, as in the paper.
   model.dtype = 'float32'  # compute dtype; params stay float32.
+  # Activation checkpointing per U-Net/DiT block (models/remat.py): 'none',
+  # 'dots_saveable' (recompute elementwise ops) or 'full' (whole blocks).
+  model.remat = 'none'
   # Class conditioning: 0 = unconditional; K > 0 embeds labels 0..K-1 (the
   # data source must provide labels) plus a null class K.
   model.num_classes = 0
@@ -108,6 +117,19 @@ def get_config() -> ml_collections.ConfigDict:
   # (config.distill.guidance_min/max); the w embedding starts at zero, so a
   # student initialised from its teacher predicts what the teacher does.
   model.guidance_input = False
+  # Captions via cross-attention (models/text.py; data.captions): context
+  # width (0: off); text_vocab_size > 0: a jointly trained text encoder of
+  # that many rows (>= the caption vocabulary, errors say how many), 0: the
+  # embeddings of context_path (.npz: embeddings, mask, captions).
+  model.context_dim = 0
+  model.cross_attn_heads = 4  # divides the channels at attn_resolutions
+  model.text_vocab_size = 0
+  model.context_path = ''
+  model.text_max_length = 0  # >= the longest caption in tokens
+  model.text_depth = 2
+  model.text_heads = 4
+  # P(caption -> the null sequence), for classifier-free guidance.
+  model.context_dropout = 0.1
   # DiT (model.name='dit', models/dit.py; Peebles & Xie 2023). Sizes: from
   # dit_variant 'S', 'B', 'L' or 'XL' (paper Table 1: depth 12/12/24/28,
   # hidden 384/768/1024/1152, heads 6/12/16/16), the three dit_* sizes then
@@ -211,6 +233,8 @@ def get_config() -> ml_collections.ConfigDict:
   # f = (1 + w) f(x, y) - w f(x, null); 0 = plain conditional sampling.
   sample.guidance_scale = 0.0
   sample.class_label = -1  # -1: cycle through the classes; k: only class k
+  # Captions: image i of a batch gets captions[i % len]; () = all of them.
+  sample.captions = ()
   # 0-based timesteps at which to save x0 predictions of the first batch as
   # progressive.png (DDPM sec. 4.3), e.g. (999, 750, 500, 250, 100, 0).
   sample.progressive_timesteps = ()
@@ -269,77 +293,15 @@ def get_config() -> ml_collections.ConfigDict:
   distill.guidance_min = 0.0
   distill.guidance_max = 4.0
 
-  # Consistency models (methods/consistency.py): 'consistency_training'
-  # (iCT, Song & Dhariwal 2023) and 'consistency_distillation' (CD, Song et
-  # al. 2023; its teacher: config.distill, a diffusion run of the edm
-  # process). Both need diffusion.process='edm' (time_sampling='log_normal',
-  # sample.sampler='edm'); noise levels lie on a Karras grid (EDM eq. 5)
-  # from diffusion.edm_sigma_min to edm_sigma_max.
-  config.consistency = consistency = ml_collections.ConfigDict()
-  consistency.rho = 7.0
-  # iCT: the grid has N(k) = min(s0 2^floor(k / K'), s1) + 1 levels at step
-  # k, doubling every K' = floor(num_train_steps / (log2(s1 / s0) + 1))
-  # (so raising num_train_steps to extend a run stretches the curriculum).
-  consistency.curriculum_s0 = 10
-  consistency.curriculum_s1 = 1280
-  # iCT: the level pair is drawn from ln(sigma) ~ N(p_mean, p_std^2)
-  # discretised on the grid.
-  consistency.p_mean = -1.1
-  consistency.p_std = 2.0
-  # d(f, target): 'pseudo_huber', sqrt(||a - b||^2 + c^2) - c (iCT), or
-  # 'l2', ||a - b||^2. CD's LPIPS is not available here.
-  consistency.metric = 'pseudo_huber'
-  consistency.huber_c = 0.0  # 0: iCT's 0.00054 sqrt(data dimension)
-  # CD: the teacher's Heun steps between neighbours of this many levels;
-  # the target network is an EMA of the student with decay target_ema; the
-  # student starts as a copy of the teacher.
-  consistency.num_levels = 18
-  consistency.target_ema = 0.95
-  consistency.init_from_teacher = True
-  # Sampling (Song et al. 2023, Algorithm 1): f at each of these decreasing
-  # noise levels, with fresh noise before each after the first. () = one
-  # step from edm_sigma_max; (80.0, 0.821): iCT's two steps on CIFAR-10.
-  consistency.sample_sigmas = ()
-
-  # Autoencoder (config.method='autoencoder'; methods/autoencoder.py): latent
-  # diffusion's KL autoencoder (models/autoencoder.py, Rombach et al. 2022)
-  # under LDM's loss: NLL (rec_loss with a learned log-scale) + kl_weight KL
-  # + a patch-GAN term (Esser et al. 2021) from step disc_start, weighted
-  # by disc_weight times the adaptive weight of their eq. 7. The sizes
-  # below fit the 8x8 digits; LDM's f=4..16 models: configs/
-  # fashion_mnist_autoencoder.py.
-  config.autoencoder = ae = ml_collections.ConfigDict()
-  # Widths per level (diffusers' naming; LDM: ch * ch_mult); the down
-  # factor f = 2^(len - 1) must divide data.image_size. (128, 256, 512,
-  # 512): Stable Diffusion's f=8 VAE.
-  ae.block_out_channels = (32, 64)
-  ae.latent_channels = 4  # C of the latents (B, H/f, W/f, C)
-  ae.layers_per_block = 1  # ResNet blocks per encoder level (decoder +1)
-  ae.norm_num_groups = 8  # GroupNorm groups; must divide every width
-  ae.kl_weight = 1e-6  # LDM's KL-f4/f8 models
-  ae.rec_loss = 'l1'  # 'l1' (LDM) or 'l2'
-  # LDM's NLL = rec / exp(s) + s with one learned scalar s (a Laplace
-  # decoder's log-scale for l1); False keeps s at logvar_init.
-  ae.learn_logvar = True
-  ae.logvar_init = 0.0
-  # LPIPS (VGG16 features + linear heads) is not implemented yet: a non-
-  # empty path is refused; empty skips the term (logged once).
-  ae.lpips_weights_path = ''
-  ae.perceptual_weight = 1.0
-  # Patch discriminator (pix2pix's NLayerDiscriminator with GroupNorm): its
-  # loss and the GAN term are off (factor 0) before step disc_start.
-  ae.disc_start = 200
-  ae.disc_weight = 0.5  # LDM's KL-f8 config
-  ae.disc_loss = 'hinge'  # 'hinge' (LDM) or 'non_saturating'
-  # Stride-2 4x4 convs (LDM: 3); the logit map floor(size / 2^n) - 2 must
-  # be >= 1: 1 for 8x8 images.
-  ae.disc_layers = 1
-  ae.disc_ch = 64
-  # Both Adams use LDM's betas (not config.optim's); the autoencoder's
-  # learning rate, warm-up, clipping, eps and EMA are config.optim's.
-  ae.disc_learning_rate = 1e-3
-  ae.adam_b1 = 0.5
-  ae.adam_b2 = 0.9
+  # Device mesh data x fsdp (-1 = the rest; diffusion_jax/sharding.py): the
+  # batch splits over both; fsdp > 1 also splits params, EMA and Adam
+  # moments (ZeRO-3), (logical axis, mesh axis) rules choosing the dims. A
+  # dim fsdp does not divide: replicated with a log line (False: an error).
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1
+  mesh.fsdp = 1
+  mesh.logical_axis_rules = (('embed_out', 'fsdp'), ('embed_in', 'fsdp'))
+  mesh.replicate_indivisible = True
 
   # Scale-out throughput knobs (diffusion_jax/trainer.py, methods/base.py).
   # Both leave the trained params unchanged (up to float summation order;
@@ -389,11 +351,13 @@ def get_config() -> ml_collections.ConfigDict:
   fid.resize_to = 299  # Inception input size (the reference: 299)
   fid.cache_dir = ''  # reference statistics cache; '' = workdir/fid_stats
 
-  # The seeds' other families (issue 16): their own sections, in families.py.
+  # Sections read by one method each: configs/families.py.
   config.glow = families.glow()
   config.vae = families.vae()
   config.gan = families.gan()
   config.pixelcnn = families.pixelcnn()
+  config.consistency = families.consistency()
+  config.autoencoder = families.autoencoder()
 
   # Locked: a misspelt key in an experiment file or on the command line is an
   # error, not a silently ignored new field.

@@ -57,6 +57,7 @@ INTERVALS = {
     'optim.adam_b2': (0.0, 1.0, False),
     'model.dropout': (0.0, 1.0, False),
     'model.label_dropout': (0.0, 1.0, True),
+    'model.context_dropout': (0.0, 1.0, True),
     'diffusion.beta_end': (0.0, 1.0, False),
     'diffusion.t_min': (0.0, 1.0, False),
     'sample.t_min': (0.0, 1.0, False),
@@ -68,6 +69,7 @@ INTERVALS = {
 # the registry itself in experiment.build and the method's from_config.
 CHOICES = {
     'model.dtype': ('float32', 'bfloat16', 'float16'),
+    'model.remat': ('none', 'dots_saveable', 'full'),  # models/remat.py
     # models/dit.py's DIT_VARIANTS (not imported: no JAX here), or 'custom'.
     'model.dit_variant': ('S', 'B', 'L', 'XL', 'custom'),
     'model.patch_size': (2, 4, 8),
@@ -82,6 +84,8 @@ CHOICES = {
     # latent/store.py's DTYPES and data/sources.py's RESIZE_MODES.
     'latent.cache_dtype': ('float16', 'float32'),
     'latent.images.resize': ('', 'center_crop', 'pad'),
+    'data.resize': ('', 'center_crop', 'pad'),
+    'data.captions': ('', 'digit_weight'),  # data/captions.py's CAPTIONERS
 }
 # Why keep_checkpoints must be >= 1: Orbax's max_to_keep=0 deletes every
 # checkpoint of the work directory, old ones included (issue 18).
@@ -147,6 +151,7 @@ def check(config, mode: str = 'train') -> None:
   _check_consistency_sigmas(config)
   _check_autoencoder(config)
   _check_latent(config)
+  _check_captions(config)
 
 
 def _check_pairs(config):
@@ -380,3 +385,23 @@ def _check_latent(config):
         'config.diffusion.clip_denoised=True clips x0 predictions to [-1, 1],'
         ' the range of pixels, not of scaled latents (unit variance; LDM '
         'samples them unclipped): set it False')
+
+
+
+def _check_captions(config):
+  """Captions (data/captions.py) need a cross-attending diffusion network on
+  a labelled pixel source, without class labels."""
+  name, dim = _get(config, 'data.captions'), _get(config, 'model.context_dim')
+  fixes = ((not name and dim, f'config.model.context_dim={dim} needs '
+            f"config.data.captions (one of {CHOICES['data.captions'][1:]}) "
+            'or context_dim=0'),
+           (name and not dim, 'captions need config.model.context_dim > 0'),
+           (name and _get(config, 'model.num_classes'), 'captions name the '
+            'class: set config.model.num_classes=0'),
+           (name and _get(config, 'method') != 'diffusion', 'only '
+            "config.method='diffusion' feeds captions to its network"),
+           (name and _get(config, 'data.source') == 'latents', 'a latent '
+            "cache holds no captions: use a pixel source"))
+  for wrong, fix in fixes:
+    if wrong:
+      raise ConfigError(f'config.data.captions={name!r}: {fix}')

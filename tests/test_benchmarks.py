@@ -39,6 +39,11 @@ SMOKE = {
     'fid_features': ([], True),
     'objectives_digits': ([], True),
     'scaling': ([], True),
+    'sharding_memory': ([], True),
+    'caption_control': ([], True),
+    'remat_memory': ([], True),
+    'families': ([], True),
+    'accelerator_check': ([], True),
     'first_run': ([] if HAVE_TORCH else ['--no-diffusers'], True),
     # Class-conditional, so guidance weights and class accuracy run too.
     'quality_vs_nfe': (['--config=digits_cfg', '--guidance_scales=0,2'],
@@ -137,6 +142,82 @@ def check_conv_grad(report):
       assert close(c['median_s'], np.median(c['times']))
       assert close(c['gflop_per_s'],
                    c['passes'] * shape['flop'] / c['median_s'] / 1e9)
+
+
+def check_sharding_memory(report):
+  for model in ('unet256', 'dit_xl2'):
+    one, eight = report[f'{model} fsdp 1'], report[f'{model} fsdp 8']
+    state = lambda r: sum(r['state'][k] for k in ('params', 'ema',
+                                                  'optimizer'))
+    assert state(eight) < state(one) / 4  # vectors stay replicated
+    assert eight['xla']['argument'] < one['xla']['argument']
+    assert one['collectives']['all-gather'][0] == 0
+    assert eight['collectives']['all-gather'][0] > 0
+
+
+def check_caption_control(report):
+  # 20 captions ("a thick 3") x the smoke's two guidance weights.
+  assert len(report['captions']) == 20
+  assert len(report['rows']) == 2 * 20
+  for row in report['rows']:
+    assert 0 <= row['digit_accuracy'] <= 1
+    assert 0 <= row['weight_accuracy'] <= 1
+  assert set(report['means']) == {'0', '2'}
+  assert all(os.path.exists(p) for p in report['plots'].values())
+
+
+def check_remat_memory(report):
+  # At smoke sizes scratch, not activations, fills the temporaries (that
+  # 'full' keeps fewer is tests/test_remat.py's): every policy compiled,
+  # ran, and kept the same parameters.
+  assert report['policies'] == ['none', 'dots_saveable', 'full']
+  for model in report['models']:
+    rows = [report[f'{model} {p}'] for p in report['policies']]
+    assert all(r['temp'] > 0 and r['seconds_per_step'] > 0 for r in rows)
+    assert len({r['num_params'] for r in rows}) == 1
+
+
+def check_accelerator_check(report):
+  # Both JAX rows, and diffusers' iff torch and diffusers import; rates from
+  # the timed seconds; TFLOP/s and MFU from XLA's FLOPs and the peak.
+  rows = report['rows']
+  assert set(rows) == {'unet', 'dit', *(['diffusers'] if HAVE_TORCH else [])}
+  for r in rows.values():
+    assert 'error' not in r, r
+    positive(r['steps_per_sec'], r['compile_s'], r['params'])
+    assert close(r['steps_per_sec'], report['steps'] / r['seconds'])
+    assert close(r['images_per_sec'], r['batch'] * r['steps_per_sec'])
+  for r in (rows['unet'], rows['dit']):
+    assert r['batch'] == 2 and r['dtype'] == 'float32'
+    positive(r['flops'], r['xla_temp_bytes'], report['peak_tflops'])
+    assert close(r['tflops_per_device'],
+                 r['flops'] * r['steps_per_sec'] / 1e12)
+    assert close(r['mfu'], r['tflops_per_device'] / report['peak_tflops'])
+  assert report['platform'] == 'cpu' and report['steps'] == 2
+  if HAVE_TORCH:  # the same model as the U-Net row: its FLOPs, the CPU peak
+    theirs = rows['diffusers']
+    assert theirs['params'] == rows['unet']['params']
+    assert theirs['flops'] == rows['unet']['flops']
+    assert close(theirs['mfu'], theirs['flops'] * theirs['steps_per_sec']
+                 / 1e12 / report['peak_tflops'])
+
+
+def check_families(report):
+  # Every family trained, was evaluated and sampled; bits/dim where the
+  # family defines them (none for the GAN).
+  rows = report['rows']
+  assert [r['family'] for r in rows] == ['ddpm', 'iddpm', 'glow', 'vae',
+                                         'gan', 'pixelcnn']
+  for r in rows:
+    assert r['params'] > 0 and 1 <= r['train_steps'] <= 3
+    positive(r['train_seconds'], r['samples_per_sec'], r['fd'], r['is'])
+    if r['family'] == 'gan':
+      assert r['bits_per_dim'] is None
+    else:
+      positive(r['bits_per_dim'], r['bpd_stderr'] + 1)
+      assert r['bpd_images'] == 8
+  positive(report['floor']['floor_fd_mean'])
+  assert os.path.exists(report['png'])
 
 
 def check_group_norm(report):
@@ -299,6 +380,45 @@ def test_smoke(name, tmp_path, compile_cache):
   CHECKS[name](run_smoke(name, tmp_path, compile_cache))
 
 
+def test_accelerator_check_sh_dry_run_prints_the_cpu_plan(tmp_path):
+  """accelerator_check.sh --dry_run with no nvidia-smi on PATH: the CPU plan
+  (a new venv from requirements.txt, no other jax build) and the smoke
+  command, creating and installing nothing; ACCELERATOR=gpu pins the jax of
+  requirements.txt. Only bash runs (well under a second)."""
+  if list(pathlib.Path('/dev').glob('accel*')):
+    pytest.skip('a TPU host: its plan is not the CPU one')
+  path = os.pathsep.join(
+      d for d in os.environ['PATH'].split(os.pathsep)
+      if not os.path.exists(os.path.join(d, 'nvidia-smi')))
+  venv = tmp_path / 'venv'
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith('TPU_') and k != 'ACCELERATOR'}
+  env.update(PATH=path, VENV=str(venv))
+  run = lambda **extra: subprocess.run(
+      ['bash', 'benchmarks/accelerator_check.sh', '--dry_run', '--steps=3'],
+      cwd=ROOT, env=dict(env, **extra), capture_output=True, text=True,
+      timeout=30)
+  proc = run()
+  assert proc.returncode == 0, proc.stderr
+  out = proc.stdout
+  assert out.startswith('platform: cpu'), out
+  assert f'python3 -m venv {venv}\n' in out
+  assert f'{venv}/bin/python -m pip install --quiet -r requirements.txt' in out
+  assert 'jax[' not in out
+  assert (f'timeout 540 {venv}/bin/python benchmarks/accelerator_check.py '
+          '--steps=3 --smoke') in out
+  assert not venv.exists()  # nothing created, nothing installed
+
+  pin = next(line.split('==')[1].strip() for line in
+             (ROOT / 'requirements.txt').read_text().splitlines()
+             if line.startswith('jax=='))
+  proc = run(ACCELERATOR='gpu')
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.startswith('platform: gpu')
+  assert f"pip install -U 'jax[cuda12]=={pin}'" in proc.stdout
+  assert not venv.exists()
+
+
 def test_alternate_never_takes_a_returned_loss_for_a_time(monkeypatch):
   """The bug of 3e2a2b4: diffusers' step returns its loss (a float), which
   alternate() took for a self-measured time (~0.6 s/step instead of ~4 s)."""
@@ -324,3 +444,48 @@ def test_alternate_never_takes_a_returned_loss_for_a_time(monkeypatch):
   assert set(times) == {'step', 'step+bigheap'}
   for t in times.values():
     assert 0.05 <= t[0] < 0.5
+
+
+@pytest.mark.slow  # compiles a DiT forward and step, as test_smoke's
+def test_dit_speed_table_has_mfu_and_dtype_labelled_rows(tmp_path):
+  """dit_speed.py's printed table (one repetition of the tiny DiT, bfloat16):
+  its columns, rows labelled with the dtype of each side, and MFU cells
+  that are the JSON's GFLOP/s over the reported peak (flops.device_peak:
+  the measured CPU peak here)."""
+  out = tmp_path / 'dit_speed.json'
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu',
+             TMPDIR=str(tmp_path),
+             XLA_FLAGS='--xla_backend_optimization_level=0 '
+             '--xla_llvm_disable_expensive_passes=true')
+  cmd = [sys.executable, 'benchmarks/dit_speed.py', '--smoke', '--reps=1',
+         '--dtype=bfloat16', f'--json_out={out}',
+         *([] if HAVE_TORCH else ['--notorch'])]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  report = json.loads(out.read_text())
+  table = [line for line in proc.stdout.splitlines() if line.startswith('|')]
+  cols = [c.strip() for c in table[0].strip('|').split('|')]
+  assert cols == ['model', 'side', 'params', 'forward ms', 'fwd images/s',
+                  'fwd GFLOP', 'fwd GFLOP/s', 'train step ms',
+                  'step images/s', 'step GFLOP', 'step GFLOP/s', 'fwd MFU',
+                  'step MFU']
+  rows = [dict(zip(cols, (c.strip() for c in line.strip('|').split('|'))))
+          for line in table[2:]]
+  sides = {'ours': 'ours (JAX, bfloat16)',
+           'diffusers+torch': 'diffusers + torch (autocast bf16)'}
+  want = ['ours', 'diffusers+torch'] if HAVE_TORCH else ['ours']
+  assert [r['side'] for r in rows[:len(want)]] == [sides[w] for w in want]
+  assert len(rows) == len(want) + HAVE_TORCH  # + the ours / theirs row
+  assert report['reps'] == 1 and 'measured' in report['peak_source']
+  peak = report['peak_tflops']
+  positive(peak)
+  v = report['variants']['tiny/2']
+  for side, row in zip(want, rows):
+    assert row['model'] == 'DiT-tiny/2'
+    for kind, col in (('forward', 'fwd MFU'), ('train', 'step MFU')):
+      c = v[kind]['candidates'][side]
+      assert len(c['times']) == 1
+      assert close(c['mfu'], c['gflop_per_s'] / 1e3 / peak)
+      assert row[col].endswith('%')
+      assert math.isclose(float(row[col][:-1]), 100 * c['mfu'], rel_tol=5e-3)

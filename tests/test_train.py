@@ -429,7 +429,8 @@ def test_a_first_wave_loss_name_names_the_new_keys():
 
 
 @pytest.mark.parametrize('overrides, match', [
-    ({'method': 'gan'}, r"unknown method 'gan': set config.method"),
+    ({'method': 'flow_matching'},
+     r"unknown method 'flow_matching': set config.method"),
     ({'model.name': 'resnet'}, r"unknown model 'resnet'"),
     ({'diffusion.process': 'nope'}, r'config.diffusion.process to one of'),
     ({'sample.sampler': 'pc'}, r"sampler='pc' does not apply to the process "
