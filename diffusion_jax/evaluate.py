@@ -163,12 +163,14 @@ def evaluate(exp: Experiment, workdir: str, step: int | None = None) -> dict:
   that is written to `workdir/eval/step_<step>/metrics.json`."""
   start = time.perf_counter()
   q = exp.quality
-  with_likelihood = has_likelihood(exp)
+  with_likelihood = (exp.config.eval.get('likelihood', True)
+                     and has_likelihood(exp))
   with_reconstruction = reconstructs(exp)
   if not (with_likelihood or with_reconstruction) and not q.num_samples:
     raise errors.ConfigError(
-        f'{exp.method.describe()} defines no likelihood to evaluate: set '
-        'config.sample_quality.num_samples > 0 to score its samples instead')
+        f'{exp.method.describe()} defines no likelihood to evaluate (or '
+        'config.eval.likelihood=False): set config.sample_quality.'
+        'num_samples > 0 to score its samples instead')
   params, step = load_sample_params(exp, workdir, step)
   split = exp.data.eval_split
   metrics = likelihood(exp, params, split) if with_likelihood else {}

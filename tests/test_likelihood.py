@@ -333,6 +333,18 @@ def test_eval_without_checkpoint_says_train_first(tmp_path):
   assert not (tmp_path / 'eval').exists()
 
 
+def test_eval_without_likelihood_or_samples_has_nothing_to_do(tmp_path):
+  # config.eval.likelihood=False skips DDPM's T passes per image; with no
+  # samples to score either, eval says so before it reads a checkpoint.
+  config = tiny_config(**{'eval.likelihood': False,
+                          'sample_quality.num_samples': 0})
+  with pytest.raises(ValueError, match='config.eval.likelihood=False'):
+    run_eval(config, str(tmp_path))
+  assert not (tmp_path / 'eval').exists()
+  with pytest.raises(checkpointing.CheckpointError, match='train first'):
+    run_eval(tiny_config(), str(tmp_path))  # the default evaluates bits/dim
+
+
 def test_eval_is_a_command_line_mode():
   assert 'eval' in main.FLAGS['mode'].parser.enum_values
 
