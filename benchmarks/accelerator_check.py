@@ -58,7 +58,7 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from configs import cifar10_ddpm, default, imagenet256_dit_xl2
+from configs import cifar10_ddpm, default
 from diffusion_jax import flops as flops_lib
 from diffusion_jax import parallel
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -90,18 +90,8 @@ def unet_config(smoke: bool):
 
 
 def dit_config(smoke: bool):
-  """DiT-B/2 on 32x32x4 latents (remat_memory.py's dit_b2), data-free."""
-  config = imagenet256_dit_xl2.get_config()
-  config.latent.autoencoder = ''  # the network on latents alone
-  config.data.source, config.data.data_dir = 'digits', ''
-  config.data.image_size, config.data.channels = 32, 4
-  config.model.update(dit_variant='B', num_classes=0)
-  config.sample.guidance_scale = 0.0
-  if smoke:
-    config.data.image_size = 8
-    config.model.update(dit_variant='custom', dit_depth=2,
-                        dit_hidden_size=32, dit_num_heads=4)
-  return _data_free(config)
+  """DiT-B/2 on 32x32x4 latents (common.dit_b2_config), data-free."""
+  return _data_free(common.dit_b2_config(smoke))
 
 
 def _data_free(config):

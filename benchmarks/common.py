@@ -177,3 +177,21 @@ def rel_diff(got, want) -> float:
   want = np.asarray(want, np.float64)
   return float(np.abs(np.asarray(got, np.float64) - want).max() /
                np.abs(want).max())
+
+
+def dit_b2_config(smoke: bool):
+  """DiT-B/2 on 32x32x4 latents, unconditional, no autoencoder (the network
+  on latents alone, digits standing in for data); --smoke: a 2-block,
+  width-32 DiT on 8x8x4."""
+  from configs import imagenet256_dit_xl2  # pylint: disable=g-import-not-at-top
+  config = imagenet256_dit_xl2.get_config()
+  config.latent.autoencoder = ''
+  config.data.source, config.data.data_dir = 'digits', ''
+  config.data.image_size, config.data.channels = 32, 4
+  config.model.update(dit_variant='B', num_classes=0)
+  config.sample.guidance_scale = 0.0
+  if smoke:
+    config.data.image_size = 8
+    config.model.update(dit_variant='custom', dit_depth=2,
+                        dit_hidden_size=32, dit_num_heads=4)
+  return config

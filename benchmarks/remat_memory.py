@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from configs import cifar10_ddpm, default, imagenet256_dit_xl2
+from configs import cifar10_ddpm, default
 from diffusion_jax import parallel
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -48,16 +48,7 @@ def model_config(name: str, smoke: bool):
     config = (common.smoke_model(default.get_config()) if smoke
               else cifar10_ddpm.get_config())
   elif name == 'dit_b2':
-    config = imagenet256_dit_xl2.get_config()
-    config.latent.autoencoder = ''  # the network on latents alone
-    config.data.source, config.data.data_dir = 'digits', ''
-    config.data.image_size, config.data.channels = 32, 4
-    config.model.update(dit_variant='B', num_classes=0)
-    config.sample.guidance_scale = 0.0
-    if smoke:
-      config.data.image_size = 8
-      config.model.update(dit_variant='custom', dit_depth=2,
-                          dit_hidden_size=32, dit_num_heads=4)
+    config = common.dit_b2_config(smoke)
   else:
     raise app.UsageError(f'--models: unknown {name!r} (unet_cifar10, dit_b2)')
   config.sample_grid.every_steps = config.sample_quality.every_steps = 0
