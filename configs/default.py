@@ -169,6 +169,12 @@ def get_config() -> ml_collections.ConfigDict:
   # EMAModel, TF's num_updates): a 400-step run's EMA then tracks its last
   # steps instead of averaging in the first ones. False: the constant decay.
   optim.ema_warmup = True
+  # Storage dtype of the trained parameters (one-optimizer methods):
+  # 'bfloat16' halves what the forward reads and fsdp gathers, with a
+  # float32 master copy in the optimizer state that the updates go to
+  # (train_state.with_float32_master); the EMAs stay float32. Pair it with
+  # model.dtype='bfloat16' to also compute in bfloat16.
+  optim.param_dtype = 'float32'
   # Post-hoc EMA (EDM2, Karras et al. 2024; diffusion_jax/posthoc_ema.py):
   # power-function EMAs of these relative lengths sigma_rel are tracked
   # beside ema_decay's and saved to workdir/ema_snapshots/ every

@@ -109,19 +109,26 @@ class Checkpointer:
           f'checkpoint step {step} in {self.directory} has no state metadata: '
           'it is corrupt or incomplete; move it aside or use a new --workdir.')
     want, have = _flat_shapes(abstract_state), _flat_shapes(meta)
+    fix = ('Use a new --workdir or the config that wrote it (config.json '
+           'beside the checkpoints).')
     for key in sorted(set(want) | set(have)):
       if key not in have or key not in want:
         where = 'only in this run' if key not in have else 'only in the checkpoint'
+        hint = (' (a float32 master copy: config.optim.param_dtype differs)'
+                if '/master/' in key else '')
         raise CheckpointError(
             f'{self.directory} holds a checkpoint of a different model: '
-            f'tensor {key} exists {where}. Use a new --workdir or the config '
-            'that wrote it (config.json beside the checkpoints).')
+            f'tensor {key} exists {where}{hint}. {fix}')
       if want[key][0] != have[key][0]:
         raise CheckpointError(
             f'{self.directory} holds a checkpoint of a different model: '
             f'{key} has shape {have[key][0]} in the checkpoint but '
-            f'{want[key][0]} in this run. Use a new --workdir or the config '
-            'that wrote it (config.json beside the checkpoints).')
+            f'{want[key][0]} in this run. {fix}')
+      if want[key][1] != have[key][1]:  # Orbax would cast silently
+        raise CheckpointError(
+            f'{self.directory} holds a checkpoint of a different model: '
+            f'{key} is {have[key][1]} in the checkpoint but {want[key][1]} '
+            f'in this run (config.optim.param_dtype?). {fix}')
     return meta
 
   def restore(self, abstract_state, step: int | None = None):

@@ -69,6 +69,7 @@ INTERVALS = {
 # the registry itself in experiment.build and the method's from_config.
 CHOICES = {
     'model.dtype': ('float32', 'bfloat16', 'float16'),
+    'optim.param_dtype': ('float32', 'bfloat16'),  # train_state.PARAM_DTYPES
     'model.remat': ('none', 'dots_saveable', 'full'),  # models/remat.py
     # models/dit.py's DIT_VARIANTS (not imported: no JAX here), or 'custom'.
     'model.dit_variant': ('S', 'B', 'L', 'XL', 'custom'),

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from diffusion_jax.methods import autoencoder_losses as losses
-from diffusion_jax.methods.base import Method
+from diffusion_jax.methods.base import Method, require_float32_params
 from diffusion_jax.models import autoencoder
 from diffusion_jax.models.discriminator import PatchDiscriminator
 from diffusion_jax.train_state import ema_update, learning_rate_schedule
@@ -90,6 +90,7 @@ class AutoencoderMethod(Method):
     Sizes were checked by config_checks (image size a multiple of f, the
     discriminator's logit map at least 1x1)."""
     a, optim, data = config.autoencoder, config.optim, config.data
+    require_float32_params(config, 'autoencoder')
     if a.lpips_weights_path:
       raise ValueError(
           f'config.autoencoder.lpips_weights_path={a.lpips_weights_path!r}: '

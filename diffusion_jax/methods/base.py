@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from diffusion_jax import posthoc_ema
+from diffusion_jax import train_state as train_state_lib
 from diffusion_jax.train_state import TrainState, create_train_state, ema_update
 
 
@@ -165,12 +166,24 @@ class OneOptimizerMethod(Method):
   dropout the update equals the plain step's up to float summation order;
   the rng given to `loss` is folded with the micro-batch index (dropout
   masks: the same distribution, not the same masks).
+
+  With param_dtype='bfloat16' the state's parameters are bfloat16 and the
+  optimizer keeps a float32 master copy (train_state.with_float32_master);
+  gradients accumulate and the EMAs average in float32.
   """
 
   def __init__(self, *, optimizer: optax.GradientTransformation,
                learning_rate_fn, ema_decay: float, seed: int,
                grad_accum_steps: int = 1, ema_warmup: bool = False,
-               power_ema_sigma_rels: tuple[float, ...] = ()):
+               power_ema_sigma_rels: tuple[float, ...] = (),
+               param_dtype: str = 'float32'):
+    if param_dtype not in train_state_lib.PARAM_DTYPES:
+      raise ValueError(
+          f'config.optim.param_dtype={param_dtype!r}: use one of '
+          f'{", ".join(map(repr, train_state_lib.PARAM_DTYPES))}')
+    self.param_dtype = train_state_lib.PARAM_DTYPES[param_dtype]
+    if param_dtype != 'float32':
+      optimizer = train_state_lib.with_float32_master(optimizer)
     self.optimizer = optimizer
     self.learning_rate_fn = learning_rate_fn
     self.ema_decay = ema_decay
@@ -223,7 +236,8 @@ class OneOptimizerMethod(Method):
   def state_from(self, params: Any, aux_state: Any) -> TrainState:
     """A fresh train state around given parameters (step 0, the EMAs
     equal to them, a fresh optimizer state)."""
-    state = create_train_state(params, self.optimizer, aux_state)
+    state = create_train_state(params, self.optimizer, aux_state,
+                               self.param_dtype)
     if self.power_ema_gammas:  # overwritten by the first update (beta_1 = 0)
       state = state.replace(power_ema=tuple(
           params for _ in self.power_ema_gammas))
@@ -245,23 +259,56 @@ class OneOptimizerMethod(Method):
             state.params, xs_i, jax.random.fold_in(loss_rng, i))
         return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), values_i
 
-      zeros = (jnp.zeros((), jnp.float32),
-               jax.tree.map(jnp.zeros_like, state.params))
+      zeros = (jnp.zeros((), jnp.float32),  # float32 sums, whatever params are
+               jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32),
+                            state.params))
       (loss, grads), values = jax.lax.scan(accumulate, zeros, (
           jnp.arange(m), jax.tree.map(lambda a: micro_batches(a, m), xs)))
       values = unmicro_batch(values)
       # Equal-sized micro-batches: the mean of their means is the batch mean.
       loss, grads = jax.tree.map(lambda g: g / m, (loss, grads))
-    updates, opt_state = self.optimizer.update(grads, state.opt_state,
-                                               state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state,
-        ema_params=ema_update(state.ema_params, params,
+    params, opt_state = train_state_lib.apply_gradients(
+        self.optimizer, grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=params,
+                              opt_state=opt_state)
+    fresh = train_state_lib.float32_params(new_state)
+    new_state = new_state.replace(
+        ema_params=ema_update(state.ema_params, fresh,
                               self._ema_decay_at(state.step)),
         loss_history=self.update_aux_state(state.loss_history, xs, values),
         power_ema=posthoc_ema.power_ema_update(
-            state.power_ema, params, state.step + 1, self.power_ema_gammas))
+            state.power_ema, fresh, state.step + 1, self.power_ema_gammas))
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
                'learning_rate': self.learning_rate_fn(state.step)}
     return new_state, metrics
+
+
+def one_optimizer_kwargs(config, *, optimizer=None,
+                         learning_rate_fn=None) -> dict:
+  """OneOptimizerMethod's keyword arguments from config.optim, config.seed,
+  config.grad_accum_steps and config.posthoc_ema, which every one-optimizer
+  method reads alike; optimizer and learning_rate_fn default to Adam with
+  DDPM's warm-up (train_state.create_optimizer)."""
+  optim = config.optim
+  return dict(
+      optimizer=(train_state_lib.create_optimizer(optim) if optimizer is None
+                 else optimizer),
+      learning_rate_fn=(train_state_lib.learning_rate_schedule(optim)
+                        if learning_rate_fn is None else learning_rate_fn),
+      ema_decay=optim.ema_decay, seed=config.seed,
+      ema_warmup=optim.ema_warmup, grad_accum_steps=config.grad_accum_steps,
+      power_ema_sigma_rels=(tuple(config.posthoc_ema.sigma_rels)
+                            if 'posthoc_ema' in config else ()),
+      param_dtype=optim.get('param_dtype', 'float32'))
+
+
+def require_float32_params(config, method: str) -> None:
+  """A ValueError for config.optim.param_dtype other than float32 in a
+  method with two optimizers (GAN, autoencoder), which keep no master copy:
+  better an error than silently training in float32."""
+  param_dtype = config.optim.get('param_dtype', 'float32')
+  if param_dtype != 'float32':
+    raise ValueError(
+        f'config.optim.param_dtype={param_dtype!r}: the {method} method '
+        'trains float32 parameters only (bfloat16 parameters with a float32 '
+        "master copy are for the one-optimizer methods); set it to 'float32'")

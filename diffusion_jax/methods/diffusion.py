@@ -18,8 +18,7 @@ from diffusion_jax.data import captions as captions_lib
 from diffusion_jax.diffusion import (bound_report, denoiser, guidance,
                                      likelihood, losses, processes, sampling,
                                      sde)
-from diffusion_jax.methods.base import OneOptimizerMethod
-from diffusion_jax.train_state import create_optimizer, learning_rate_schedule
+from diffusion_jax.methods.base import OneOptimizerMethod, one_optimizer_kwargs
 
 
 class DiffusionMethod(OneOptimizerMethod):
@@ -109,13 +108,7 @@ class DiffusionMethod(OneOptimizerMethod):
         label_dropout=config.model.label_dropout,
         guidance_scale=s.guidance_scale, class_label=s.class_label,
         captions=captions, context_dropout=m.get('context_dropout', 0.1),
-        optimizer=create_optimizer(config.optim),
-        learning_rate_fn=learning_rate_schedule(config.optim),
-        ema_decay=config.optim.ema_decay, seed=config.seed,
-        ema_warmup=config.optim.ema_warmup,
-        grad_accum_steps=config.grad_accum_steps,
-        power_ema_sigma_rels=(config.posthoc_ema.sigma_rels
-                              if 'posthoc_ema' in config else ()))
+        **one_optimizer_kwargs(config))
 
   def describe(self) -> str:
     kind = 'ddpm' if self.process.is_discrete else self.process.kind

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from diffusion_jax import visualization
-from diffusion_jax.methods.base import Method
+from diffusion_jax.methods.base import Method, require_float32_params
 from diffusion_jax.models import dcgan
 from diffusion_jax.train_state import ema_update
 
@@ -98,6 +98,7 @@ def _fitting_levels(image_size: int) -> str:
 def _check_config(config) -> None:
   """ValueError naming the key, its value and a fix, before compiling."""
   g, data = config.gan, config.data
+  require_float32_params(config, 'gan')
   if config.model.num_classes:
     raise ValueError(
         f'config.model.num_classes={config.model.num_classes}: the gan '

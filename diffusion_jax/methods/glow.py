@@ -34,10 +34,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.methods.base import OneOptimizerMethod
+from diffusion_jax.methods.base import OneOptimizerMethod, one_optimizer_kwargs
 from diffusion_jax.models import glow as glow_model
 from diffusion_jax.models import glow_layers
-from diffusion_jax.train_state import create_optimizer, learning_rate_schedule
 
 
 def bits_per_dim(log_density: jax.Array, num_dims: int,
@@ -126,12 +125,7 @@ class GlowMethod(OneOptimizerMethod):
         model=model,
         image_shape=(data.image_size, data.image_size, data.channels),
         n_bits=g.n_bits, temperature=g.temperature,
-        optimizer=create_optimizer(config.optim),
-        learning_rate_fn=learning_rate_schedule(config.optim),
-        ema_decay=config.optim.ema_decay, seed=config.seed,
-        ema_warmup=config.optim.ema_warmup,
-        grad_accum_steps=config.grad_accum_steps,
-        power_ema_sigma_rels=config.posthoc_ema.sigma_rels)
+        **one_optimizer_kwargs(config))
 
   def describe(self) -> str:
     m = self.model

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffusion_jax.methods.base import OneOptimizerMethod
+from diffusion_jax.methods.base import OneOptimizerMethod, one_optimizer_kwargs
 from diffusion_jax.models import logistic_mixture
 from diffusion_jax.models.pixelcnn import PixelCNNPP
 from diffusion_jax.train_state import learning_rate_schedule
@@ -115,11 +115,9 @@ class PixelCNNMethod(OneOptimizerMethod):
         eps=optim.adam_eps))
     return cls(
         network=network, image_shape=image_shape,
-        num_mix=p.nr_logistic_mix, optimizer=optimizer,
-        learning_rate_fn=learning_rate_fn, ema_decay=optim.ema_decay,
-        seed=config.seed, ema_warmup=optim.ema_warmup,
-        grad_accum_steps=config.grad_accum_steps,
-        power_ema_sigma_rels=config.posthoc_ema.sigma_rels)
+        num_mix=p.nr_logistic_mix,
+        **one_optimizer_kwargs(config, optimizer=optimizer,
+                               learning_rate_fn=learning_rate_fn))
 
   def describe(self) -> str:
     n = self.network

@@ -55,9 +55,8 @@ import jax.numpy as jnp
 from jax.scipy.special import ndtr
 
 from diffusion_jax.diffusion import likelihood
-from diffusion_jax.methods.base import OneOptimizerMethod
+from diffusion_jax.methods.base import OneOptimizerMethod, one_optimizer_kwargs
 from diffusion_jax.models import vae as vae_model
-from diffusion_jax.train_state import create_optimizer, learning_rate_schedule
 
 DECODERS = ('logistic', 'gaussian')
 # Floor of the decoder's log-scale (PixelCNN++ clamps log_scales at -7).
@@ -264,13 +263,7 @@ class VAEMethod(OneOptimizerMethod):
         model=model, decoder=v.decoder,
         eval_importance_samples=v.eval_importance_samples,
         kl_warmup_steps=v.kl_warmup_steps,
-        optimizer=create_optimizer(config.optim),
-        learning_rate_fn=learning_rate_schedule(config.optim),
-        ema_decay=config.optim.ema_decay, seed=config.seed,
-        ema_warmup=config.optim.ema_warmup,
-        grad_accum_steps=config.grad_accum_steps,
-        power_ema_sigma_rels=(config.posthoc_ema.sigma_rels
-                              if 'posthoc_ema' in config else ()))
+        **one_optimizer_kwargs(config))
 
   def describe(self) -> str:
     warmup = (f', KL warm-up over {self.kl_warmup_steps} steps'
