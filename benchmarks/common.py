@@ -4,6 +4,7 @@ scripts (tests/test_benchmarks.py runs each with --smoke)."""
 import dataclasses
 import json
 import os
+import re
 import time
 
 from absl import flags
@@ -195,3 +196,39 @@ def dit_b2_config(smoke: bool):
     config.model.update(dit_variant='custom', dit_depth=2,
                         dit_hidden_size=32, dit_num_heads=4)
   return config
+
+
+# ------------------------------------------------- compiled HLO collectives --
+
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter',
+               'collective-permute', 'all-to-all')
+_BYTES = {'f64': 8, 'f32': 4, 'bf16': 2, 'f16': 2, 's64': 8, 'u64': 8,
+          's32': 4, 'u32': 4, 's16': 2, 'u16': 2, 's8': 1, 'u8': 1, 'pred': 1}
+_OP = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+(' +
+                 '|'.join(COLLECTIVES) + r')(-start)?\(')
+_SHAPE = re.compile(r'\b(' + '|'.join(_BYTES) + r')\[([\d,]*)\]')
+_COMPUTATION = re.compile(
+    r'^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$')
+
+
+def hlo_collectives(hlo: str) -> list[tuple[str, int, str]]:
+  """[(op, bytes of its results, computation)] for every collective in
+  compiled HLO text. A combined op's tuple result counts every element
+  (XLA:CPU all-reduces all gradients in one tuple op); an async -start op's
+  tuple holds its operands and then its results: the results count."""
+  out, computation = [], None
+  for line in hlo.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      computation = header.group(1)
+      continue
+    match = _OP.match(line)
+    if match:
+      shape, op, is_start = match.groups()
+      sizes = [_BYTES[t] * int(np.prod([int(d) for d in dims.split(',') if d]
+                                       or [1]))
+               for t, dims in _SHAPE.findall(shape)]
+      if is_start and len(sizes) > 1:
+        sizes = sizes[len(sizes) // 2:]
+      out.append((op, sum(sizes), computation))
+  return out

@@ -52,32 +52,7 @@ flags.DEFINE_bool('skip_processes', False, 'Skip part 2.')
 common.define_smoke_flags()
 FLAGS = flags.FLAGS
 
-COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter',
-               'collective-permute', 'all-to-all')
-_BYTES = {'f64': 8, 'f32': 4, 'bf16': 2, 'f16': 2, 's64': 8, 'u64': 8,
-          's32': 4, 'u32': 4, 's16': 2, 'u16': 2, 's8': 1, 'u8': 1, 'pred': 1}
-_OP = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+(' +
-                 '|'.join(COLLECTIVES) + r')(?:-start)?\(')
-_SHAPE = re.compile(r'\b(' + '|'.join(_BYTES) + r')\[([\d,]*)\]')
-_COMPUTATION = re.compile(r'^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$')
-
-
-def collectives(hlo: str):
-  """[(op, bytes, computation)] for every collective in compiled HLO text."""
-  out, computation = [], None
-  for line in hlo.splitlines():
-    header = _COMPUTATION.match(line)
-    if header:
-      computation = header.group(1)
-      continue
-    match = _OP.match(line)
-    if match:
-      shape, op = match.groups()
-      size = sum(_BYTES[t] * int(np.prod([int(d) for d in dims.split(',') if d]
-                                         or [1]))
-                 for t, dims in _SHAPE.findall(shape))
-      out.append((op, size, computation))
-  return out
+collectives = common.hlo_collectives
 
 
 def bench_mesh(config, devices, steps):

@@ -21,7 +21,6 @@ latents without the VAE. Compiling them on CPU takes minutes each.
 """
 
 import os
-import re
 import sys
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -44,27 +43,16 @@ flags.DEFINE_integer('batch_per_device', 1, 'Images per device.')
 common.define_smoke_flags()
 FLAGS = flags.FLAGS
 
-COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce')
-_BYTES = {'f64': 8, 'f32': 4, 'bf16': 2, 'f16': 2, 's64': 8, 'u64': 8,
-          's32': 4, 'u32': 4, 'u8': 1, 's8': 1, 'pred': 1}
-_OP = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+(' +
-                 '|'.join(COLLECTIVES) + r')(?:-start)?\(')
-_SHAPE = re.compile(r'\b(' + '|'.join(_BYTES) + r')\[([\d,]*)\]')
+COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all')
 
 
 def collectives(hlo: str) -> dict[str, list[int]]:
-  """op -> [count, bytes of its results] over compiled HLO text (an async
-  -start op counted once; its result tuple holds operand and result)."""
+  """op -> [count, bytes of its results] over compiled HLO text."""
   out = {op: [0, 0] for op in COLLECTIVES}
-  for line in hlo.splitlines():
-    match = _OP.match(line)
-    if match:
-      shape, op = match.groups()
-      sizes = [_BYTES[t] * int(np.prod([int(d) for d in dims.split(',') if d]
-                                       or [1]))
-               for t, dims in _SHAPE.findall(shape)]
+  for op, size, _ in common.hlo_collectives(hlo):
+    if op in out:
       out[op][0] += 1
-      out[op][1] += max(sizes, default=0)
+      out[op][1] += size
   return out
 
 
@@ -120,9 +108,10 @@ def table(rows: dict) -> str:
   mib = lambda b: f'{b / 2**20:,.1f}'
   lines = [
       '| model | fsdp | params | EMA | Adam | params+EMA+Adam | XLA argument '
-      '| XLA output | XLA temp | all-gather | reduce-scatter | all-reduce |',
+      '| XLA output | XLA temp | all-gather | reduce-scatter | all-reduce '
+      '| all-to-all |',
       '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- '
-      '| --- | --- |']
+      '| --- | --- | --- |']
   for (model, fsdp), r in rows.items():
     s, x, c = r['state'], r['xla'], r['collectives']
     ops = [f'{c[op][0]} ({mib(c[op][1])})' for op in COLLECTIVES]

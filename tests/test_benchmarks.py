@@ -169,12 +169,19 @@ def check_caption_control(report):
 def check_remat_memory(report):
   # At smoke sizes scratch, not activations, fills the temporaries (that
   # 'full' keeps fewer is tests/test_remat.py's): every policy compiled,
-  # ran, and kept the same parameters.
+  # ran, and kept the same parameters. bfloat16 parameters with a float32
+  # master copy: the state grows by exactly 2 bytes per parameter (18 bytes
+  # against params + EMA + Adam's 16).
   assert report['policies'] == ['none', 'dots_saveable', 'full']
+  assert report['precisions'] == ['float32', 'bfloat16']
   for model in report['models']:
-    rows = [report[f'{model} {p}'] for p in report['policies']]
-    assert all(r['temp'] > 0 and r['seconds_per_step'] > 0 for r in rows)
+    rows = [report[f'{model} {p} {q}'] for p in report['policies']
+            for q in report['precisions']]
+    assert all(r['temp'] > 0 and r['grad_temp'] > 0
+               and r['seconds_per_step'] > 0 for r in rows)
     assert len({r['num_params'] for r in rows}) == 1
+    f32, bf16 = (report[f'{model} none {q}'] for q in report['precisions'])
+    assert bf16['argument'] - f32['argument'] == 2 * f32['num_params']
 
 
 def check_accelerator_check(report):
@@ -489,3 +496,20 @@ def test_dit_speed_table_has_mfu_and_dtype_labelled_rows(tmp_path):
       assert close(c['mfu'], c['gflop_per_s'] / 1e3 / peak)
       assert row[col].endswith('%')
       assert math.isclose(float(row[col][:-1]), 100 * c['mfu'], rel_tol=5e-3)
+
+
+def test_hlo_collectives_count_every_element_of_a_combined_op():
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  # XLA:CPU all-reduces every gradient in one tuple op: its bytes are the
+  # sum of the elements (the sharding table once took the largest alone);
+  # an async -start op's tuple is (operands..., results...): results count.
+  hlo = '\n'.join([
+      'ENTRY %main (p: f32[8]) -> f32[8] {',
+      '  %all-reduce.43 = (f32[32,32]{1,0}, f32[96]{0}, bf16[4,4]{1,0}) '
+      'all-reduce(%a, %b, %c), replica_groups={}, to_apply=%add',
+      '  %ag = f32[16,32]{0,1} all-gather(%x), dimensions={1}',
+      '  %ags = (f32[4]{0}, f32[32]{0}) all-gather-start(%y), dimensions={0}',
+      '}'])
+  assert common.hlo_collectives(hlo) == [
+      ('all-reduce', 4 * 32 * 32 + 4 * 96 + 2 * 16, 'main'),
+      ('all-gather', 4 * 16 * 32, 'main'), ('all-gather', 4 * 32, 'main')]
