@@ -12,8 +12,11 @@ but the compiler's own memory. Printed per device:
     (XLA's accounting of the compiled per-device program);
   - params / EMA / Adam bytes from the state's shardings (shard shapes);
   - the collectives in `compiled.as_text()`: all-gather, reduce-scatter,
-    all-reduce counts and bytes (an FSDP step all-gathers each sharded
-    weight and reduce-scatters its gradient; fsdp 1 only all-reduces).
+    all-reduce and all-to-all counts and bytes of their results, every
+    element of a combined (tuple) op counted (an FSDP step all-gathers
+    each sharded weight and reduces its gradient onto the shards: XLA:CPU
+    as one combined full-size all-reduce plus slices, where GPU/TPU
+    compilers form reduce-scatters; fsdp 1 only all-reduces).
 Models: unet256, DDPM's ~256M LSUN Bedroom U-Net (lsun_bedroom_large_ddpm.py,
 256x256x3); dit_xl2, imagenet256_dit_xl2.py's DiT-XL/2 on its 32x32x4
 latents without the VAE. Compiling them on CPU takes minutes each.

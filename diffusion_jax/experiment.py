@@ -132,8 +132,9 @@ class Experiment:
         return jax.lax.scan(one_step, state, stacked,
                             unroll=k if jax.default_backend() == 'cpu' else 1)
     # FSDP (ZeRO-3) by shardings alone: XLA all-gathers each sharded
-    # weight where the step uses it and reduce-scatters its gradient onto
-    # the shards that the optimizer and EMA update in place.
+    # weight where the step uses it and reduces its gradient onto the
+    # shards that the optimizer and EMA update in place (XLA:CPU: one
+    # combined full-size all-reduce, then slices; BENCHMARKS.md).
     state = self.state_sharding
     return jax.jit(step, in_shardings=(state, parallel.batch_sharded(self.mesh)),
                    out_shardings=(state, parallel.replicated(self.mesh)),
