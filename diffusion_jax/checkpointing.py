@@ -124,7 +124,11 @@ class Checkpointer:
             f'{self.directory} holds a checkpoint of a different model: '
             f'{key} has shape {have[key][0]} in the checkpoint but '
             f'{want[key][0]} in this run. {fix}')
-      if want[key][1] != have[key][1]:  # Orbax would cast silently
+      # Orbax casts on restore: harmless for float64 -> float32 (arrays a
+      # tool wrote from numpy), but bfloat16 <-> float32 would change what
+      # the run trains (config.optim.param_dtype), so that is refused.
+      if want[key][1] != have[key][1] and min(
+          want[key][1].itemsize, have[key][1].itemsize) < 4:
         raise CheckpointError(
             f'{self.directory} holds a checkpoint of a different model: '
             f'{key} is {have[key][1]} in the checkpoint but {want[key][1]} '
