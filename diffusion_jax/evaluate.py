@@ -242,9 +242,11 @@ def _log(metrics, out_dir):
     floor = (f'; real training images {q["floor_fd_mean"]:.3f} +- '
              f'{q["floor_fd_std"]:.3f} over {q["floor_seeds"]} draws'
              if 'floor_fd_mean' in q else '')
-    logging.info('Sample quality of %d EMA samples vs the %s statistics, %s '
+    logging.info('Sample quality of %d EMA samples (%d with NaN or inf '
+                 'pixels) vs the %s statistics, %s '
                  'features: FD %.3f%s, IS %.3f +- %.3f, KID %s%s',
-                 q['num_samples'], q['fd_vs'], q['network'], q['fd'], floor,
+                 q['num_samples'], q.get('num_nonfinite_samples', 0),
+                 q['fd_vs'], q['network'], q['fd'], floor,
                  q['is_mean'], q['is_std'], q['kid_mean'],
                  '' if q['comparable_to_published'] or q['network'] !=
                  'inception' else

@@ -34,7 +34,8 @@ def load_sample_params(exp: Experiment, workdir: str, step: int | None = None):
 
 
 def generate(exp: Experiment, workdir: str, step: int | None = None) -> str:
-  """Writes samples/step_<step>/samples.png and samples.npz; returns the dir.
+  """Writes samples/step_<step>/samples.png and samples.npz (uint8 `images`
+  and `nonfinite`, which samples had NaN or inf pixels); returns the dir.
 
   Batch i starts from the noise of stream SAMPLE_STREAM + i, so a run's
   samples do not depend on the mesh, and sample quality sees these images.
@@ -44,7 +45,7 @@ def generate(exp: Experiment, workdir: str, step: int | None = None) -> str:
   x0_at = exp.progressive_timesteps
   num, batch = exp.sample_num_images, exp.sample_batch_size
   out_dir = os.path.join(workdir, 'samples', f'step_{step:08d}')
-  chunks = []
+  chunks, nonfinite = [], []
   for i in tqdm.trange(math.ceil(num / batch), desc='sample',
                        disable=jax.process_index() > 0):
     noise = exp.sample_noise(batch, SAMPLE_STREAM + i)
@@ -57,12 +58,16 @@ def generate(exp: Experiment, workdir: str, step: int | None = None) -> str:
           [parallel.gather(p) for p in preds]))
     else:
       images = sample_fn(params, noise, rng)
-    chunks.append(visualization.to_uint8(parallel.gather(images)))
+    images = parallel.gather(images)
+    nonfinite.append(visualization.nonfinite_samples(images))
+    chunks.append(visualization.to_uint8(images))
   images = np.concatenate(chunks)[:num]
+  nonfinite = np.concatenate(nonfinite)[:num]
   if jax.process_index() == 0:
+    visualization.warn_nonfinite(int(nonfinite.sum()), num, 'sample mode')
     epath.Path(out_dir).mkdir(parents=True, exist_ok=True)  # Local or gs://.
     with (epath.Path(out_dir) / 'samples.npz').open('wb') as f:
-      np.savez_compressed(f, images=images)
+      np.savez_compressed(f, images=images, nonfinite=nonfinite)
     visualization.save_png(os.path.join(out_dir, 'samples.png'),
                            visualization.make_grid(images[:256]))
     logging.info('Wrote %d samples from step %d EMA params to %s', num, step,

@@ -98,10 +98,12 @@ def _flush_metrics(pending, first_step, writer, checkpointer, t_last, t_now,
 
 def _write_grid(exp: Experiment, workdir, writer, step, sample_fn, params,
                 noise):
-  images = visualization.to_uint8(parallel.gather(
-      sample_fn(params, noise, exp.sample_rng(0))))
-  grid = visualization.make_grid(images)
+  images = parallel.gather(sample_fn(params, noise, exp.sample_rng(0)))
+  nonfinite = int(visualization.nonfinite_samples(images).sum())
+  grid = visualization.make_grid(visualization.to_uint8(images))
   if jax.process_index() == 0:
+    visualization.warn_nonfinite(nonfinite, len(images),
+                                 f'EMA samples at step {step}')
     path = visualization.save_png(
         os.path.join(workdir, 'samples', f'ema_step_{step:08d}.png'), grid)
     logging.info('EMA samples at step %d: %s', step, path)

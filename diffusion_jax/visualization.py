@@ -2,15 +2,38 @@
 
 import math
 
+from absl import logging
 from etils import epath
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 
 def to_uint8(images) -> np.ndarray:
-  """[-1, 1] floats to uint8 [0, 255] (the inverse of the input pipeline)."""
-  images = np.asarray(images, dtype=np.float32)
+  """[-1, 1] floats to uint8 [0, 255] (the inverse of the input pipeline).
+  NaN pixels become mid-grey (128) and +-inf the end levels: casting NaN
+  to uint8 is undefined in numpy. nonfinite_samples says which had any.
+  """
+  images = np.nan_to_num(np.asarray(images, dtype=np.float32), nan=0.0,
+                         posinf=1.0, neginf=-1.0)
   return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def nonfinite_samples(images) -> np.ndarray:
+  """(N, ...) floats -> (N,) bool: which samples have a NaN or +-inf pixel
+  (a diverged model, an unstable sampler, a flow's inverse overflowing)."""
+  images = np.asarray(images)
+  return ~np.isfinite(images.reshape(images.shape[0], -1)).all(axis=1)
+
+
+def warn_nonfinite(count: int, total: int, where: str) -> None:
+  """Logs how many of `total` samples had non-finite pixels, if any."""
+  if count:
+    logging.warning(
+        '%s: %d of %d samples (%.1f%%) have NaN or infinite pixels, drawn '
+        'mid-grey (NaN) or saturated (inf). A diverged or unstable model: '
+        'check the training loss; for Glow lower --config.glow.temperature '
+        '(0.7 is the paper\'s); for diffusion try more sampling steps.',
+        where, count, total, 100.0 * count / total)
 
 
 def make_grid(images: np.ndarray, ncols: int | None = None,

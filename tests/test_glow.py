@@ -11,13 +11,16 @@ equal to 4 straight; eval mode's bits/dim recomputed; bad configs named.
 
 import json
 import math
+import os
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import experiment, methods, parallel
+from diffusion_jax import experiment, generate, methods, parallel
+from diffusion_jax import visualization
 from diffusion_jax.generate import load_sample_params
 from diffusion_jax.methods import glow as glow_method
 from diffusion_jax.methods.base import OneOptimizerMethod
@@ -248,6 +251,14 @@ def test_dequantization_stays_in_each_level_bin():
     back = np.asarray(glow_method.quantize(jnp.asarray(y), n_bits))
     np.testing.assert_allclose(back, (bins * 2 ** (8 - n_bits)) / 255 * 2 - 1,
                                atol=1e-6)
+  # An overflowed inverse: +-inf clip to the end levels, NaN stays NaN for
+  # sample mode to count (and draw mid-grey).
+  back = np.asarray(glow_method.quantize(jnp.asarray(
+      [np.inf, -np.inf, np.nan, 0.0])))
+  np.testing.assert_array_equal(back[:2], [1.0, -1.0])
+  assert np.isnan(back[2]) and back[3] == 1 / 255
+  np.testing.assert_array_equal(visualization.to_uint8(back), [255, 0, 128,
+                                                               128])
   # A uniform density on [-1/2, 1/2)^D costs the raw bits.
   assert float(glow_method.bits_per_dim(jnp.zeros(()), 64)) == 8.0
   assert float(glow_method.bits_per_dim(jnp.zeros(()), 64, 5)) == 5.0
@@ -381,3 +392,39 @@ def test_eval_writes_the_bits_per_dim_of_the_test_split(trained):
   assert images.min() >= -1 and images.max() <= 1
   levels = (images + 1) / 2 * 255
   np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
+
+
+def test_sample_mode_counts_non_finite_samples(trained):
+  """A sampler whose samples 0, 3, 6, 9 came back NaN in one pixel
+  (Glow's overflowed inverse): sample mode keeps them, mid-grey there,
+  says how many in the log and in samples.npz's 'nonfinite'."""
+  config, root, _, _ = trained
+  real = experiment.Experiment.jit_sample_fn
+
+  def with_nan_pixels(self, x0_at=()):
+    fn = real(self, x0_at)
+    calls = []
+
+    def sample(params, noise, rng):
+      images = fn(params, noise, rng)
+      first = len(calls) * images.shape[0]
+      calls.append(first)
+      rows = [i for i in range(images.shape[0]) if (first + i) % 3 == 0]
+      return images.at[jnp.asarray(rows), 1, 2, 0].set(jnp.nan)
+
+    return sample
+
+  with mock.patch.object(experiment.Experiment, 'jit_sample_fn',
+                         with_nan_pixels), \
+       mock.patch.object(visualization.logging, 'warning') as warning:
+    out = generate.generate(
+        experiment.build(config, one_device(), mode='sample'),
+        str(root / 'b'))
+  saved = np.load(os.path.join(out, 'samples.npz'))
+  assert config.sample.num_images == 12 and config.sample.batch_size == 8
+  np.testing.assert_array_equal(saved['nonfinite'], np.arange(12) % 3 == 0)
+  np.testing.assert_array_equal(saved['images'][::3, 1, 2, 0], 128)
+  messages = [c[0][0] % c[0][1:] for c in warning.call_args_list]
+  assert len(messages) == 1
+  assert messages[0].startswith('sample mode: 4 of 12 samples (33.3%)')
+  assert 'glow.temperature' in messages[0]

@@ -250,22 +250,39 @@ def test_weight_conversion_round_trip_and_errors(random_inception, tmp_path):
 
 
 def test_features_on_eight_devices_equal_one_device(random_inception):
+  """...and non-finite samples are flagged, NaN scored as mid-grey (0) and
+  +inf as white (1), as sample mode saves them."""
   assert jax.device_count() == 8
   images = np.random.default_rng(6).uniform(-1, 1, (8, 8, 8, 1)).astype(
       np.float32)
+  clean = images.copy()
+  images[3, 2, 2, 0], clean[3, 2, 2, 0] = np.nan, 0.0
+  images[5, 0, 0, 0], clean[5, 0, 0, 0] = np.inf, 1.0
   outs = []
-  for devices in (jax.devices()[:1], jax.devices()):
+  for devices, batch in ((jax.devices()[:1], images), (jax.devices(), images),
+                         (jax.devices(), clean)):
     mesh = parallel.create_mesh(devices)
     fn = sample_quality.make_feature_fn(
         mesh, networks.inception_network(random_inception, SMALL).features)
-    out = fn(sample_quality.replicate(random_inception, mesh),
-             jax.device_put(images, parallel.batch_sharded(mesh)))
+    variables = sample_quality.replicate(random_inception, mesh)
+    out = fn(variables, jax.device_put(batch, parallel.batch_sharded(mesh)))
     outs.append({k: parallel.gather(v) for k, v in out.items()})
-  for k in outs[0]:
-    np.testing.assert_allclose(outs[1][k], outs[0][k], rtol=1e-5, atol=1e-6)
+  for k in ('pool', 'logits_unbiased'):
+    assert np.all(np.isfinite(outs[0][k])), k
+    for other in outs[1:]:
+      np.testing.assert_allclose(other[k], outs[0][k], rtol=1e-5, atol=1e-6)
+  want = np.isin(np.arange(8), [3, 5])
+  np.testing.assert_array_equal(outs[0]['nonfinite'], want)
+  np.testing.assert_array_equal(outs[1]['nonfinite'], want)
+  assert not outs[2]['nonfinite'].any()
   assert outs[0]['pool'].shape == (8, inception.POOL_DIM)
   assert outs[0]['logits_unbiased'].shape == (8, inception.NUM_CLASSES)
   assert np.std(outs[0]['pool']) > 1e-3  # random features are not degenerate
+  # The count covers only the images kept (num=5: sample 3, not 5).
+  stats = sample_quality.accumulate_features(
+      feature_stats.FeatureStats(inception.POOL_DIM), fn, variables,
+      [(jax.device_put(images, parallel.batch_sharded(mesh)), None)], num=5)
+  assert (stats.count, stats.num_nonfinite) == (5, 1)
 
 
 def _fixed_sample_batch(mesh, batch_size: int, calls: list):

@@ -60,11 +60,11 @@ def quantize(y: jax.Array, n_bits: int = 8) -> jax.Array:
   """The flow's output y -> images in [-1, 1] on the 8-bit grid: the bin
   floor((y + 1/2) 2^n_bits), clipped to the valid ones, scaled to 8 bits
   as openai/glow's postprocess. A sample whose inverse overflowed (exp of
-  a coupling's scale far in the tails at temperature 1, rare once
-  trained) keeps its finite pixels; NaN ones become mid-grey, so grids and
-  sample quality always get images in [-1, 1]."""
+  a coupling's scale far in the tails at temperature 1, common early in
+  training, rare once trained) has +-inf pixels clipped to the end bins
+  and keeps its NaN ones, so sample mode and sample quality count them
+  (visualization.nonfinite_samples) before drawing them mid-grey."""
   n_bins = 2 ** n_bits
-  y = jnp.nan_to_num(y, nan=0.0)  # +-inf are clipped to the end bins
   level = jnp.clip(jnp.floor((y + 0.5) * n_bins), 0, n_bins - 1)
   return (2.0 * level * (256 // n_bins) - 255.0) / 255.0  # exactly +-1 at ends
 
@@ -209,7 +209,8 @@ class GlowMethod(OneOptimizerMethod):
 
   def sample(self, params, noise, rng):
     """inverse(T eps), eps the noise (n, H, W, C) split into the levels'
-    latents; quantised to the 8-bit grid, so in [-1, 1]."""
+    latents; quantised to the 8-bit grid, so in [-1, 1] (or NaN where
+    the inverse overflowed, see quantize)."""
     del rng  # the flow is deterministic
     y, _ = self.model.apply({'params': params},
                             self.latents_from_noise(noise),

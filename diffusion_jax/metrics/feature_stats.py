@@ -34,6 +34,7 @@ class FeatureStats:
                max_kid_features: int = 10_000, keep_logits: bool = False,
                seed: int = 0):
     self.dim, self.count = dim, 0
+    self.num_nonfinite = 0  # samples with NaN/inf pixels (sample_quality)
     self._shift = None
     self._sum = np.zeros(dim, np.float64)
     self._outer = np.zeros((dim, dim), np.float64)

@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import parallel
+from diffusion_jax import parallel, visualization
 from diffusion_jax.data import pipeline
 from diffusion_jax.data import sources
 from diffusion_jax.metrics import distances
@@ -54,9 +54,14 @@ def make_feature_fn(mesh, features):
   """
 
   def fn(variables, images):
+    # NaN pixels score as mid-grey, as sample mode saves them; 'nonfinite'
+    # lets the caller count such samples (visualization.to_uint8).
+    nonfinite = ~jnp.all(jnp.isfinite(images.reshape(images.shape[0], -1)),
+                         axis=1)
+    images = jnp.nan_to_num(images, nan=0.0, posinf=1.0, neginf=-1.0)
     x = jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255) / 255.0
     pool, logits = features(variables, x)
-    return {'pool': pool, 'logits_unbiased': logits}
+    return {'pool': pool, 'logits_unbiased': logits, 'nonfinite': nonfinite}
 
   batch = parallel.batch_sharded(mesh)
   return jax.jit(fn, in_shardings=(parallel.replicated(mesh), batch),
@@ -84,6 +89,7 @@ def accumulate_features(stats: feature_stats.FeatureStats, feature_fn,
     if num is not None:
       keep &= np.cumsum(keep) + stats.count <= num
     stats.update(host['pool'][keep], host['logits_unbiased'][keep])
+    stats.num_nonfinite += int(host['nonfinite'][keep].sum())
 
   start = time.perf_counter()
   for images, mask in batches:
@@ -283,7 +289,8 @@ def compute_sample_quality(
   Returns:
     {'fd' (and 'fid', the same number, for Inception), 'is_mean', 'is_std',
     'kid_mean', 'kid_std' (None if the reference has no KID features),
-    'network', 'network_source', 'num_samples', 'fd_vs' (split name or
+    'network', 'network_source', 'num_samples', 'num_nonfinite_samples'
+    (scored as mid-grey where NaN), 'fd_vs' (split name or
     statistics file), 'reference_num_images', 'reference_stats' (path),
     'comparable_to_published', 'seconds'} and, with floor_seeds,
     'floor_fd_mean', 'floor_fd_std', 'floor_kid_mean', 'floor_seeds',
@@ -315,6 +322,8 @@ def compute_sample_quality(
                       desc='samples')
   feature_stats.warn_if_few_samples(stats.count, network.feature_dim,
                                     what='samples: ')
+  visualization.warn_nonfinite(stats.num_nonfinite, stats.count,
+                               'sample quality')
   out = _distances(ref, stats, seed=seed, kid_subsets=kid_subsets,
                    kid_subset_size=kid_subset_size)
   if network.kind == 'inception':
@@ -331,6 +340,7 @@ def compute_sample_quality(
   out.update({
       'network': network.kind, 'network_source': network.source,
       'num_samples': stats.count, 'fd_vs': fd_vs,
+      'num_nonfinite_samples': stats.num_nonfinite,
       'reference_num_images': ref.get('num_images'),
       'reference_stats': ref_path,
       'comparable_to_published': (network.comparable_to_published and
