@@ -134,6 +134,12 @@ def test_auto_customises_on_cpu_only(monkeypatch):
   assert conv.weight_grad_method((3, 3), (32, 32), 128, 8) == 'xla'
   assert conv.weight_grad_method((1, 1), (32, 32), 128, 8) == 'xla'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
+  # On a mesh (these tests see 8 devices) chunks would slice a sharded
+  # batch: XLA's own, 'taps' (no batch slices) still for 1x1.
+  assert jax.device_count() == 8
+  assert conv.weight_grad_method((3, 3), (32, 32), 128, 8) == 'xla'
+  assert conv.weight_grad_method((1, 1), (32, 32), 128, 8) == 'taps'
+  monkeypatch.setattr(jax, 'device_count', lambda: 1)
   # 32x32 x 128 channels: 2 images per chunk.
   assert conv.chunk_size((32, 32), 128) == 2
   assert conv.weight_grad_method((3, 3), (32, 32), 128, 8) == 'chunks'
@@ -197,3 +203,25 @@ def test_chunked_gradient_on_a_sharded_batch(monkeypatch):
   np.testing.assert_allclose(
       sharded(w, jax.device_put(x, parallel.batch_sharded(mesh))),
       jax.jit(jax.grad(loss(theirs)))(w, x), rtol=1e-4, atol=1e-4)
+
+
+def test_auto_on_a_mesh_moves_no_activations_between_devices(monkeypatch):
+  """Chunks that slice a sharded batch made GSPMD move images between
+  devices (collective-permutes; BENCHMARKS.md, sharded train state): on a
+  mesh 'auto' keeps XLA's weight gradient, reduced by one all-reduce."""
+  from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
+  mesh = parallel.create_mesh()
+  monkeypatch.setattr(conv, 'MAX_CHUNK_ELEMENTS', 8 * 8 * 8)  # 1 image
+  x = jax.ShapeDtypeStruct((16, 8, 8, 4), jnp.float32,
+                           sharding=parallel.batch_sharded(mesh))
+  w = jax.ShapeDtypeStruct((3, 3, 4, 8), jnp.float32,
+                           sharding=parallel.replicated(mesh))
+  ours = lambda w, x: jnp.sum(jnp.sin(conv.conv_general_dilated(
+      x, w, (1, 1), 'SAME', dimension_numbers=NHWC)))
+  hlo = lambda: jax.jit(jax.grad(ours)).lower(w, x).compile().as_text()
+  monkeypatch.setattr(conv, 'WEIGHT_GRAD', 'chunks')
+  assert 'collective-permute' in hlo()  # what 'auto' used to pick here
+  monkeypatch.setattr(conv, 'WEIGHT_GRAD', 'auto')
+  text = hlo()
+  assert 'collective-permute' not in text
+  assert text.count(' all-reduce(') == 1
