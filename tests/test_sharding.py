@@ -256,3 +256,28 @@ def test_train_batches_are_global_not_per_topology():
     it.close()
   np.testing.assert_array_equal(batches[0], batches[1])
   np.testing.assert_array_equal(batches[0], batches[2])
+
+
+def test_replicated_arrays_are_sliced_over_replicas_only_when_large(tmp_path):
+  """Orbax's replica-parallel save slices a replicated array per replica
+  (one compiled slice per shape): only where a slice holds at least
+  MIN_REPLICA_SLICE_BYTES; both kinds restore exactly."""
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+  mesh = parallel.create_mesh()
+  replicated = parallel.replicated(mesh)
+  big_rows = 8 * checkpointing.MIN_REPLICA_SLICE_BYTES // (4 * 256)
+  state = {'small': jnp.arange(256.0), 'big': jnp.ones((big_rows, 256))}
+  state = jax.device_put(state, replicated)
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  with mock.patch.object(jax.lax, 'slice_in_dim',
+                         wraps=jax.lax.slice_in_dim) as sliced:
+    ckpt.save(1, state)
+    ckpt.wait_until_finished()
+  shapes = sorted({tuple(c.args[0].shape) for c in sliced.call_args_list})
+  assert shapes == [(big_rows, 256)]  # the 1 KiB vector is written whole
+  assert sliced.call_count == 8  # one 1 MiB slice per replica
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=replicated), state)
+  restored, _ = ckpt.restore(abstract, 1)
+  ckpt.close()
+  jax.tree.map(np.testing.assert_array_equal, restored, state)
