@@ -99,7 +99,8 @@ class Experiment:
     computes only its shards."""
     rng = jax.random.key(self.seed) if rng is None else rng
     self.method.prepare()
-    return jax.jit(self.method.init, out_shardings=self.state_sharding)(rng)
+    return jax.jit(self.method.init, out_shardings=self.state_sharding,
+                   compiler_options=conv.one_shot_compiler_options())(rng)
 
   def abstract_state(self):
     """Shapes, dtypes and shardings of the state, no compute (what a

@@ -30,6 +30,7 @@ from diffusion_jax import errors
 from diffusion_jax import flops
 from diffusion_jax.experiment import GRID_STREAM, Experiment
 from diffusion_jax.metrics import sample_quality
+from diffusion_jax.models import conv
 from diffusion_jax.preemption import PreemptionGuard
 
 
@@ -44,7 +45,9 @@ def _finite(tree) -> bool:
   # One jitted program: leaf-by-leaf eager reductions of an fsdp-sharded
   # state put dozens of small all-reduce programs in flight at once, which
   # the XLA CPU runtime can deadlock on (a rendezvous timeout).
-  return bool(np.isfinite(float(jax.jit(optax.tree.norm)(floats))))
+  norm = jax.jit(optax.tree.norm,
+                 compiler_options=conv.one_shot_compiler_options())
+  return bool(np.isfinite(float(norm(floats))))
 
 
 def _kept_checkpoint(checkpointer) -> str:
