@@ -24,6 +24,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.compile_flags import FAST_COMPILE
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HELPERS = {'common'}  # modules of benchmarks/ that are not scripts
 HAVE_TORCH = all(importlib.util.find_spec(m) for m in ('torch', 'diffusers'))
@@ -82,8 +84,7 @@ def run_smoke(name, tmp_path, compile_cache) -> dict:
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
              # Not conftest's 8 devices (scaling.py sets its own); LLVM
              # without its optimisations halves the tiny U-Net's compile.
-             XLA_FLAGS='--xla_backend_optimization_level=0 '
-             '--xla_llvm_disable_expensive_passes=true')
+             XLA_FLAGS=FAST_COMPILE)
   cmd = [sys.executable, f'benchmarks/{name}.py', '--smoke',
          f'--json_out={out}', *SMOKE[name][0]]
   if name == 'objectives_digits':
@@ -462,8 +463,7 @@ def test_dit_speed_table_has_mfu_and_dtype_labelled_rows(tmp_path):
   out = tmp_path / 'dit_speed.json'
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu',
              TMPDIR=str(tmp_path),
-             XLA_FLAGS='--xla_backend_optimization_level=0 '
-             '--xla_llvm_disable_expensive_passes=true')
+             XLA_FLAGS=FAST_COMPILE)
   cmd = [sys.executable, 'benchmarks/dit_speed.py', '--smoke', '--reps=1',
          '--dtype=bfloat16', f'--json_out={out}',
          *([] if HAVE_TORCH else ['--notorch'])]

@@ -19,6 +19,7 @@ from sklearn import datasets
 from diffusion_jax import config_checks, experiment, methods
 from diffusion_jax.data import captions, pipeline
 from diffusion_jax.diffusion import denoiser, guidance, sampling
+from tests.compile_flags import FAST_COMPILE
 from tests.util import run_train, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -268,8 +269,7 @@ def test_caption_control_script_smoke(tmp_path):
              TMPDIR=str(tmp_path),
              # One device, and LLVM without its optimisations (as
              # tests/test_benchmarks.py): compiling dominates a smoke run.
-             XLA_FLAGS='--xla_backend_optimization_level=0 '
-             '--xla_llvm_disable_expensive_passes=true')
+             XLA_FLAGS=FAST_COMPILE)
   cmd = [sys.executable, 'benchmarks/caption_control.py', '--smoke',
          f'--json_out={out}', f'--workdir={tmp_path / "run"}']
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True,

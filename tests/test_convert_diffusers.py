@@ -21,6 +21,7 @@ from configs import cifar10_ddpm, default
 from diffusion_jax.convert import diffusers as cd
 from diffusion_jax.convert import diffusers_cli
 from diffusion_jax import experiment, generate, methods, parallel
+from tests.compile_flags import FAST_COMPILE
 from tests.util import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -332,8 +333,7 @@ def test_cli_writes_a_checkpoint_that_sample_mode_restores(tmp_path):
   cmd = [sys.executable, '-m', 'diffusion_jax.convert.diffusers_cli',
          f'--src={tmp_path / "src"}', f'--workdir={workdir}',
          '--config=configs/default.py']
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  env.pop('XLA_FLAGS', None)
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': FAST_COMPILE}
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=300, check=False)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -30,6 +30,7 @@ from configs import imagenet256_dit_xl2
 from diffusion_jax import experiment, generate, methods, parallel
 from diffusion_jax.convert import diffusers_cli, diffusers_dit
 from diffusion_jax.latent import autoencoder_source, store
+from tests.compile_flags import FAST_COMPILE
 from tests.test_dit import RELEASED_256, _perturbed_dit
 from tests.util import run_sample
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -71,8 +72,8 @@ def released(tmp_path_factory):
   torch.manual_seed(0)
   diffusers.AutoencoderKL(**VAE).save_pretrained(str(root / 'vae'))
   workdir = root / 'run'
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'}
-  env.pop('XLA_FLAGS', None)
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3',
+         'XLA_FLAGS': FAST_COMPILE}
   cmd = [sys.executable, '-m', 'diffusion_jax.convert.diffusers_cli',
          f'--src={root / "DiT"}', '--config=configs/imagenet256_dit_xl2.py',
          f'--config.latent.autoencoder={root / "vae"}',

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import checkpointing, experiment, parallel
+from tests.compile_flags import FAST_COMPILE
 from tests.test_cli import REPO
 from tests.util import tiny_config
 
@@ -45,7 +46,7 @@ def xla_cache(tmp_path_factory):
 
 def _start(workdir, log_path, xla_cache, extra=()):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu',
-             XLA_FLAGS='', JAX_COMPILATION_CACHE_DIR=xla_cache,
+             XLA_FLAGS=FAST_COMPILE, JAX_COMPILATION_CACHE_DIR=xla_cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   log = open(log_path, 'w')  # pylint: disable=consider-using-with
@@ -215,6 +216,7 @@ def test_sigterm_during_start_up_exits_0_with_a_message(tmp_path, xla_cache):
   assert _logged_step(log) == 0
 
 
+@pytest.mark.slow  # a 4-step CLI run for one edge; SIGTERM's path is above
 def test_sigterm_in_the_last_moments_exits_0(tmp_path, xla_cache):
   """After "Finished" (the report, shutdown) SIGTERM must not turn a done
   run into a failure (it exited 143)."""

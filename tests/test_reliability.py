@@ -20,6 +20,7 @@ import pytest
 
 from diffusion_jax import checkpointing, config_checks, experiment, trainer
 from diffusion_jax.errors import ConfigError
+from tests.compile_flags import FAST_COMPILE
 from tests.test_cli import REPO
 from tests.test_preemption import ARGS
 from tests.util import run_train, tiny_config
@@ -35,7 +36,7 @@ TRAIN = [a for a in ARGS if 'num_train_steps' not in a and
 
 def _cli(workdir, *args, config='configs/default.py', timeout=300):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu',
-             XLA_FLAGS='')
+             XLA_FLAGS=FAST_COMPILE)
   argv = [sys.executable, '-m', 'diffusion_jax.main']
   if config:
     argv += [f'--config={config}', *TRAIN]
