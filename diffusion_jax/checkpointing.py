@@ -75,8 +75,12 @@ MIN_REPLICA_SLICE_BYTES = 1 << 20
 def _register_array_handler():
   """Orbax's jax.Array handler (its metadata store kept, so files are as
   Orbax's default writes them), parallel over replicas only for slices of
-  MIN_REPLICA_SLICE_BYTES or more."""
+  MIN_REPLICA_SLICE_BYTES or more. Once per process (Orbax logs each
+  override)."""
   default = ocp.type_handlers.get_type_handler(jax.Array)
+  if getattr(default, '_min_slice_bytes_for_replica_parallel',
+             None) == MIN_REPLICA_SLICE_BYTES:
+    return
   ocp.type_handlers.register_type_handler(
       jax.Array, ocp.type_handlers.ArrayHandler(
           array_metadata_store=getattr(default, '_array_metadata_store'),
